@@ -1,0 +1,146 @@
+"""The `brook` command line: model repository management and offline use of the models."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from app.errors import BrookError
+from app.paths import default_model_dir
+from app.repository import ModelRepository, VersionState
+
+logger = logging.getLogger("brook")
+
+
+def _configure_logging(verbose: bool) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_models_fetch(args: argparse.Namespace) -> int:
+    from app.convert.build import build_version
+
+    repository = ModelRepository(args.model_dir)
+    names = args.names or repository.names()
+    specs = [repository.spec(name) for name in names]
+    for spec in specs:
+        for version in sorted(spec.versions):
+            result = build_version(spec, version, force=args.force)
+            state = "built" if result.built else "already up to date, nothing to do"
+            print(f"{spec.name} v{version}: {state} ({result.seconds:.1f} s)")
+    return 0
+
+
+def _cmd_models_list(args: argparse.Namespace) -> int:
+    repository = ModelRepository(args.model_dir)
+    rows = []
+    for spec in repository.specs():
+        for version in sorted(spec.versions):
+            status = repository.status(spec, version)
+            vspec = spec.versions[version]
+            rows.append({
+                "name": spec.name,
+                "task": spec.task,
+                "version": version,
+                "default": version == spec.default_version,
+                "weight": vspec.weight,
+                "state": status.state.value,
+                "detail": status.detail,
+                "description": vspec.description,
+            })
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    if not rows:
+        print(f"no models in {repository.root}")
+        return 0
+    print(f"{'MODEL':<24} {'TASK':<16} {'VERSION':<8} {'STATE':<8} {'WEIGHT':<7} DESCRIPTION")
+    for row in rows:
+        version = f"{row['version']}{'*' if row['default'] else ''}"
+        print(f"{row['name']:<24} {row['task']:<16} {version:<8} {row['state']:<8} {row['weight']:<7.2f} "
+              f"{row['description']}")
+    print("(* default version)")
+    broken = [r for r in rows if r["state"] == VersionState.BROKEN.value]
+    for row in broken:
+        print(f"warning: {row['name']} v{row['version']}: {row['detail']}", file=sys.stderr)
+    return 0
+
+
+def _format_timestamp(seconds: float) -> str:
+    minutes, rest = divmod(seconds, 60.0)
+    return f"{int(minutes):02d}:{rest:06.3f}"
+
+
+def _cmd_transcribe(args: argparse.Namespace) -> int:
+    from app.audio import load_audio
+    from app.speech.transcribe import transcribe
+    from app.speech.whisper_runner import WhisperRunner
+
+    audio = load_audio(args.file)
+    loaded = ModelRepository(args.model_dir).load(args.model, args.version)
+    runner = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=args.threads)
+    result = transcribe(audio, runner)
+    if args.json:
+        print(json.dumps({
+            "model": loaded.name,
+            "version": loaded.version,
+            "duration": round(len(audio) / 16000, 3),
+            "text": result.text,
+            "segments": [{"start": s.start, "end": s.end, "text": s.text} for s in result.segments],
+        }, ensure_ascii=False, indent=2))
+    else:
+        for segment in result.segments:
+            print(f"[{_format_timestamp(segment.start)} --> {_format_timestamp(segment.end)}] {segment.text.strip()}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="brook", description="Brook: real-time inference server.")
+    parser.add_argument("--model-dir", type=Path, default=default_model_dir(),
+                        help="model repository folder (env BROOK_MODEL_DIR; default: the checkout's models/)")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    models = commands.add_parser("models", help="manage the model repository")
+    models_commands = models.add_subparsers(dest="models_command", required=True)
+    fetch = models_commands.add_parser("fetch", help="download pinned sources, verify sha256, convert to ONNX")
+    fetch.add_argument("names", nargs="*", help="models to fetch (default: every model in the repository)")
+    fetch.add_argument("--force", action="store_true", help="rebuild even when up to date")
+    fetch.set_defaults(handler=_cmd_models_fetch)
+    listing = models_commands.add_parser("list", help="models, versions, and whether each is ready")
+    listing.add_argument("--json", action="store_true", help="machine-readable output")
+    listing.set_defaults(handler=_cmd_models_list)
+
+    transcribe = commands.add_parser("transcribe", help="transcribe an audio file (WAV, FLAC, OGG, …)")
+    transcribe.add_argument("file", type=Path)
+    transcribe.add_argument("--model", default="whisper-tiny-en")
+    transcribe.add_argument("--version", type=int, default=None, help="model version (default: the default one)")
+    transcribe.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+    transcribe.add_argument("--json", action="store_true", help="print JSON with segments")
+    transcribe.set_defaults(handler=_cmd_transcribe)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        code: int = args.handler(args)
+    except BrookError as exc:
+        print(f"brook: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

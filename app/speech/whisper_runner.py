@@ -1,0 +1,228 @@
+"""Run a converted Whisper model (``encoder.onnx`` + ``decoder.onnx``) on onnxruntime: numpy in, numpy out.
+
+``encode`` maps log-mel windows [batch, n_mels, frames] to the cross-attention keys and values of every decoder
+layer. ``decode`` runs batched greedy decoding over several windows at once: each prompt is fed in one decoder
+call, then one token per row per call; rows that reach EOT or their token limit leave the batch (their rows are
+dropped from the caches with ``np.take``). Prompts are batched together only when they have the same length,
+because the decoder shares positions across rows; other lengths run as separate groups.
+
+The runner knows nothing about requests or sessions.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import onnxruntime as ort
+
+from app.errors import ModelError
+from app.ort_session import create_session
+from app.speech.decoding import DecodingRules, average_logprob, mask_logits, no_speech_probability, pick_tokens
+from app.speech.tokenizer import WhisperTokenizer
+
+logger = logging.getLogger(__name__)
+
+ENCODER_FILE: Final = "encoder.onnx"
+DECODER_FILE: Final = "decoder.onnx"
+ENCODER_INPUTS: Final = ("mel",)
+ENCODER_OUTPUTS: Final = ("cross_k", "cross_v")
+DECODER_INPUTS: Final = ("tokens", "self_k", "self_v", "cross_k", "cross_v")
+DECODER_OUTPUTS: Final = ("logits", "new_self_k", "new_self_v")
+_NUMPY_BY_ORT_TYPE: Final = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True)
+class EncoderOutput:
+    """Cross-attention keys and values for a batch of windows, each [n_layers, batch, n_heads, ctx, head_dim]."""
+
+    cross_k: np.ndarray
+    cross_v: np.ndarray
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.cross_k.shape[1])
+
+    def select(self, rows: Sequence[int]) -> EncoderOutput:
+        """The rows ``rows`` of the batch, in that order (a copy)."""
+        index = np.asarray(rows, dtype=np.int64)
+        return EncoderOutput(np.take(self.cross_k, index, axis=1), np.take(self.cross_v, index, axis=1))
+
+
+@dataclass(frozen=True)
+class DecodeResult:
+    """Greedy decoding of one window."""
+
+    tokens: list[int]  # sampled tokens, timestamps included, EOT excluded
+    sum_logprob: float  # log-probabilities of every sampled token, the EOT step included
+    avg_logprob: float  # sum_logprob / (len(tokens) + 1), as faster-whisper reports it
+    no_speech_prob: float  # P(<|nospeech|>) at the start-of-transcript position
+    text: str  # text of the text tokens
+    reached_eot: bool  # False when the token limit stopped the row
+
+
+class WhisperRunner:
+    """The two onnxruntime sessions of one converted Whisper model, plus its tokenizer."""
+
+    def __init__(self, model_dir: Path, config: Mapping[str, Any], *, intra_op_threads: int = 2) -> None:
+        self.config = dict(config)
+        self.model_dir = model_dir
+        for name in (ENCODER_FILE, DECODER_FILE):
+            if not (model_dir / name).is_file():
+                raise ModelError(f"expected {name} in {model_dir}, found {sorted(p.name for p in model_dir.iterdir())}")
+        self._encoder = create_session(model_dir / ENCODER_FILE, intra_op_threads)
+        self._decoder = create_session(model_dir / DECODER_FILE, intra_op_threads)
+        _check_io(self._encoder, ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS)
+        _check_io(self._decoder, DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS)
+        self._mel_dtype = _input_dtype(self._encoder, "mel")
+        self._cache_dtype = _input_dtype(self._decoder, "self_k")
+        self.n_layers = int(config["n_layers"])
+        self.n_heads = int(config["n_heads"])
+        self.head_dim = int(config["head_dim"])
+        self.n_text_ctx = int(config["n_text_ctx"])
+        self.max_frames = int(config["max_frames"])
+        self.sot = int(config["sot"])
+        self.no_timestamps = int(config["no_timestamps"])
+        self.tokenizer = WhisperTokenizer.from_file(model_dir / str(config.get("tokenizer", "tokenizer.json")),
+                                                    eot=int(config["eot"]))
+
+    def encode(self, mel: np.ndarray) -> EncoderOutput:
+        """Encode log-mel windows [batch, n_mels, frames] (frames even, at most ``max_frames``)."""
+        n_mels = int(self.config["n_mels"])
+        if mel.ndim != 3 or mel.shape[1] != n_mels:
+            raise ValueError(f"expected mel [batch, {n_mels}, frames], got shape {mel.shape}")
+        if mel.shape[2] % 2 or not 0 < mel.shape[2] <= self.max_frames:
+            raise ValueError(f"expected an even frame count in 2..{self.max_frames}, got {mel.shape[2]}")
+        feed = {"mel": np.ascontiguousarray(mel, dtype=self._mel_dtype)}
+        cross_k, cross_v = self._encoder.run(list(ENCODER_OUTPUTS), feed)
+        return EncoderOutput(cross_k, cross_v)
+
+    def default_max_new_tokens(self, prompt_length: int) -> int:
+        """CTranslate2's limit for faster-whisper's ``max_length=448``: min(448 // 2, 448 - (prompt_length - 1))."""
+        return min(self.n_text_ctx // 2, self.n_text_ctx - (prompt_length - 1))
+
+    def decode(
+        self,
+        encoder_output: EncoderOutput,
+        prompts: Sequence[Sequence[int]],
+        *,
+        max_new_tokens: int | None = None,
+        rules: DecodingRules | None = None,
+    ) -> list[DecodeResult]:
+        """Greedy-decode row ``i`` of ``encoder_output`` from ``prompts[i]``; one result per prompt, in order.
+
+        Each prompt is ``[<|startofprev|>, previous..., ] <|startoftranscript|> [language, task, notimestamps]``.
+        ``max_new_tokens`` caps the sampled tokens (EOT included); by default CTranslate2's limit for the prompt's
+        length. ``rules`` defaults to the config's rules, with timestamps unless the prompt ends with
+        ``<|notimestamps|>``.
+        """
+        if len(prompts) != encoder_output.batch_size:
+            raise ValueError(f"expected {encoder_output.batch_size} prompts (one per window), got {len(prompts)}")
+        groups: dict[tuple[int, int], list[int]] = {}
+        for row, prompt in enumerate(prompts):
+            if self.sot not in prompt:
+                raise ValueError(f"prompt {row} has no <|startoftranscript|> ({self.sot}): {list(prompt)[:8]}...")
+            groups.setdefault((len(prompt), list(prompt).index(self.sot)), []).append(row)
+        results: dict[int, DecodeResult] = {}
+        for rows in groups.values():
+            group_prompts = [list(prompts[row]) for row in rows]
+            group_encoder = encoder_output if len(rows) == len(prompts) else encoder_output.select(rows)
+            group_results = self._decode_group(group_encoder, group_prompts, max_new_tokens, rules)
+            results.update(zip(rows, group_results, strict=True))
+        return [results[row] for row in range(len(prompts))]
+
+    def _decode_group(
+        self,
+        encoder_output: EncoderOutput,
+        prompts: list[list[int]],
+        max_new_tokens: int | None,
+        rules: DecodingRules | None,
+    ) -> list[DecodeResult]:
+        """Decode prompts of equal length with the SOT at the same index."""
+        prompt_length = len(prompts[0])
+        limit = self.default_max_new_tokens(prompt_length) if max_new_tokens is None else max_new_tokens
+        if limit < 1 or prompt_length + limit - 1 > self.n_text_ctx:
+            raise ValueError(f"{limit} new tokens after a {prompt_length}-token prompt exceed {self.n_text_ctx} positions")
+        if rules is None:
+            rules = DecodingRules.from_config(self.config, with_timestamps=prompts[0][-1] != self.no_timestamps)
+        sot_index = prompts[0].index(self.sot)
+        batch = len(prompts)
+        cross_k, cross_v = encoder_output.cross_k, encoder_output.cross_v
+        empty = np.zeros((self.n_layers, batch, self.n_heads, 0, self.head_dim), dtype=self._cache_dtype)
+        tokens = np.asarray(prompts, dtype=np.int64)
+        logits, self_k, self_v = self._step(tokens[:, : sot_index + 1], empty, empty, cross_k, cross_v)
+        no_speech = no_speech_probability(logits, int(self.config["no_speech"]))
+        if sot_index + 1 < prompt_length:
+            logits, self_k, self_v = self._step(tokens[:, sot_index + 1 :], self_k, self_v, cross_k, cross_v)
+
+        sampled: list[list[int]] = [[] for _ in range(batch)]
+        sums = [0.0] * batch
+        reached_eot = [False] * batch
+        alive = list(range(batch))  # original row of each current batch row
+        for step in range(limit):
+            chosen, log_probs = pick_tokens(mask_logits(logits, [sampled[row] for row in alive], rules))
+            keep: list[int] = []
+            for position, row in enumerate(alive):
+                token = int(chosen[position])
+                sums[row] += float(log_probs[position])
+                if token == rules.eot:
+                    reached_eot[row] = True
+                    continue
+                sampled[row].append(token)
+                if step + 1 < limit:
+                    keep.append(position)
+            if not keep:
+                break
+            if len(keep) < len(alive):
+                index = np.asarray(keep, dtype=np.int64)
+                self_k, self_v = np.take(self_k, index, axis=1), np.take(self_v, index, axis=1)
+                cross_k, cross_v = np.take(cross_k, index, axis=1), np.take(cross_v, index, axis=1)
+                chosen = chosen[index]
+                alive = [alive[position] for position in keep]
+            logits, self_k, self_v = self._step(chosen[:, None], self_k, self_v, cross_k, cross_v)
+
+        return [
+            DecodeResult(
+                tokens=sampled[row],
+                sum_logprob=sums[row],
+                avg_logprob=average_logprob(sums[row], len(sampled[row])),
+                no_speech_prob=float(no_speech[row]),
+                text=self.tokenizer.decode(sampled[row]),
+                reached_eot=reached_eot[row],
+            )
+            for row in range(batch)
+        ]
+
+    def _step(
+        self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross_k: np.ndarray, cross_v: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        feed = {
+            "tokens": np.ascontiguousarray(tokens, dtype=np.int64),
+            "self_k": self_k,
+            "self_v": self_v,
+            "cross_k": cross_k,
+            "cross_v": cross_v,
+        }
+        logits, new_k, new_v = self._decoder.run(list(DECODER_OUTPUTS), feed)
+        return logits, new_k, new_v
+
+
+def _check_io(session: ort.InferenceSession, file_name: str, inputs: Sequence[str], outputs: Sequence[str]) -> None:
+    found_inputs = [node.name for node in session.get_inputs()]
+    found_outputs = [node.name for node in session.get_outputs()]
+    if sorted(found_inputs) != sorted(inputs) or sorted(found_outputs) != sorted(outputs):
+        raise ModelError(
+            f"{file_name}: expected inputs {list(inputs)} and outputs {list(outputs)}, "
+            f"got inputs {found_inputs} and outputs {found_outputs}"
+        )
+
+
+def _input_dtype(session: ort.InferenceSession, name: str) -> type[np.floating[Any]]:
+    node = next(node for node in session.get_inputs() if node.name == name)
+    if node.type not in _NUMPY_BY_ORT_TYPE:
+        raise ModelError(f"input {name!r}: expected a float or float16 tensor, got {node.type}")
+    return _NUMPY_BY_ORT_TYPE[node.type]
