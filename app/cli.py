@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -41,7 +42,7 @@ def _cmd_models_fetch(args: argparse.Namespace) -> int:
 
 def _cmd_models_list(args: argparse.Namespace) -> int:
     repository = ModelRepository(args.model_dir)
-    rows = []
+    rows: list[dict[str, object]] = []
     for spec in repository.specs():
         for version in sorted(spec.versions):
             status = repository.status(spec, version)
@@ -64,8 +65,8 @@ def _cmd_models_list(args: argparse.Namespace) -> int:
         return 0
     print(f"{'MODEL':<24} {'TASK':<16} {'VERSION':<8} {'STATE':<8} {'WEIGHT':<7} DESCRIPTION")
     for row in rows:
-        version = f"{row['version']}{'*' if row['default'] else ''}"
-        print(f"{row['name']:<24} {row['task']:<16} {version:<8} {row['state']:<8} {row['weight']:<7.2f} "
+        label = f"{row['version']}{'*' if row['default'] else ''}"
+        print(f"{row['name']:<24} {row['task']:<16} {label:<8} {row['state']:<8} {row['weight']:<7.2f} "
               f"{row['description']}")
     print("(* default version)")
     broken = [r for r in rows if r["state"] == VersionState.BROKEN.value]
@@ -102,6 +103,32 @@ def _cmd_transcribe(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from app.config import settings_from_env
+    from app.server.serve import serve
+
+    overrides = {
+        "host": args.host, "port": args.port, "model_dir": args.model_dir,
+        "models": tuple(args.models) if args.models else None,
+        "api_keys": tuple(args.api_key) if args.api_key else None,
+    }
+    settings = settings_from_env().with_overrides(overrides)
+    serve(settings, workers=args.workers, fetch=not args.no_fetch)
+    return 0
+
+
+def _cmd_listen(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.client import listen, with_query
+
+    if args.file is None and not args.mic:
+        raise BrookError("give an audio FILE or --mic")
+    url = with_query(args.url, model=args.model, version=args.version)
+    asyncio.run(listen(url, None if args.mic else args.file, speed=args.speed, token=args.token, as_json=args.json))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brook", description="Brook: real-time inference server.")
     parser.add_argument("--model-dir", type=Path, default=default_model_dir(),
@@ -118,6 +145,28 @@ def build_parser() -> argparse.ArgumentParser:
     listing = models_commands.add_parser("list", help="models, versions, and whether each is ready")
     listing.add_argument("--json", action="store_true", help="machine-readable output")
     listing.set_defaults(handler=_cmd_models_list)
+
+    serve = commands.add_parser("serve", help="run the server (fetches and converts missing models first)")
+    serve.add_argument("--host", default=None, help="interface (env BROOK_HOST; default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=None, help="port (env BROOK_PORT; default 8000)")
+    serve.add_argument("--models", nargs="+", default=None, help="models to load (env BROOK_MODELS, comma-separated)")
+    serve.add_argument("--api-key", action="append", default=None,
+                       help="require this API key (repeatable; env BROOK_API_KEYS, comma-separated)")
+    serve.add_argument("--workers", type=int, default=int(os.environ.get("BROOK_WORKERS", "1")),
+                       help="uvicorn worker processes, each with its own engines (env BROOK_WORKERS; default 1)")
+    serve.add_argument("--no-fetch", action="store_true", help="do not fetch or convert missing models")
+    serve.set_defaults(handler=_cmd_serve)
+
+    listen = commands.add_parser("listen", help="stream a file or the microphone to a running server")
+    listen.add_argument("file", type=Path, nargs="?", help="audio file (WAV, FLAC, OGG, …)")
+    listen.add_argument("--mic", action="store_true", help="stream the microphone (needs arecord or sox)")
+    listen.add_argument("--url", default="ws://127.0.0.1:8000/v1/listen", help="the server's /v1/listen URL")
+    listen.add_argument("--model", default=None)
+    listen.add_argument("--version", type=int, default=None)
+    listen.add_argument("--token", default=os.environ.get("BROOK_TOKEN"), help="API key (env BROOK_TOKEN)")
+    listen.add_argument("--speed", type=float, default=1.0, help="1 = real time, 4 = four times, 0 = no pacing")
+    listen.add_argument("--json", action="store_true", help="print every server message as JSON")
+    listen.set_defaults(handler=_cmd_listen)
 
     transcribe = commands.add_parser("transcribe", help="transcribe an audio file (WAV, FLAC, OGG, …)")
     transcribe.add_argument("file", type=Path)

@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import logging
+import re
 from pathlib import Path
 from typing import Any, Final
 
@@ -50,6 +51,7 @@ TRANSCRIBE_SETTINGS: Final[dict[str, Any]] = {
     "word_timestamps": False,
     "vad_filter": False,
 }
+NUMBER_LIST: Final = re.compile(r"\[\s*(-?[\d.]+(?:,\s*-?[\d.]+)*)\s*\]")  # a JSON list of numbers
 MODEL_SETTINGS: Final[dict[str, Any]] = {"device": "cpu", "compute_type": "float32", "cpu_threads": CPU_THREADS}
 
 
@@ -82,6 +84,16 @@ def transcribe_clip(model: Any, samples: np.ndarray) -> dict[str, Any]:
         for segment in segments
     ]
     return {"segments": rows, "text": "".join(row["text"] for row in rows)}
+
+
+def to_json(document: dict[str, Any]) -> str:
+    """Indented JSON with every list of numbers kept on one line (token lists stay readable)."""
+    text = json.dumps(document, indent=2, ensure_ascii=False)
+
+    def one_line(match: re.Match[str]) -> str:
+        return "[" + ", ".join(number.strip() for number in match.group(1).split(",")) + "]"
+
+    return NUMBER_LIST.sub(one_line, text) + "\n"
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -120,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
             **transcribe_clip(model, samples),
         }
         target = args.out / f"{wav.stem}.json"
-        target.write_text(json.dumps(golden, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        target.write_text(to_json(golden), encoding="utf-8")
         logger.info("%s: %d segments -> %s", wav.stem, len(golden["segments"]), target)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from app.convert.sources import cache_dir
 from app.errors import FetchError
 from app.paths import default_model_dir
 from app.repository import LoadedVersion, ModelRepository, VersionState
+from tests.server_process import RunningServer, run_server
 
 
 def _models_required() -> bool:
@@ -50,3 +52,23 @@ def speech_clips() -> dict[str, Path]:
     except FetchError as exc:
         missing(f"test recordings could not be fetched: {exc}")
         raise
+
+
+ALL_MODELS = "whisper-tiny-en,silero-vad,smollm2-135m-instruct"
+ARTIFACT_DIR = Path(__file__).resolve().parent.parent / "test-artifacts"
+
+
+def require_models(repository: ModelRepository, *names: str) -> None:
+    for name in names:
+        spec = repository.spec(name)
+        status = repository.status(spec, spec.default_version)
+        if status.state is not VersionState.READY:
+            missing(f"model {name} v{spec.default_version} is {status.state.value}")
+
+
+@pytest.fixture(scope="session")
+def brook_server(model_repository: ModelRepository) -> Iterator[RunningServer]:
+    """One real `brook serve` with every default model, shared by the end-to-end tests."""
+    require_models(model_repository, "whisper-tiny-en", "silero-vad", "smollm2-135m-instruct")
+    with run_server(ARTIFACT_DIR / "logs", models=ALL_MODELS, idle_timeout_s="30") as server:
+        yield server

@@ -7,6 +7,7 @@ so that greedy continuations cost one forward pass per token. Written for clarit
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,13 +30,18 @@ class ReferenceCache:
 
 def _rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     variance = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(variance + np.float32(eps))) * weight
+    normed: np.ndarray = (x / np.sqrt(variance + np.float32(eps))) * weight
+    return normed
 
 
-def _rotate(x: np.ndarray, positions: np.ndarray, params: LlamaHyperParams) -> np.ndarray:
+def _rotate(
+    x: np.ndarray, positions: np.ndarray, params: LlamaHyperParams, freq_factors: np.ndarray | None
+) -> np.ndarray:
     """Apply RoPE to x [tokens, heads, head_dim] at the given absolute positions."""
     half = params.head_dim // 2
     inv_freq = params.rope_theta ** (-np.arange(half, dtype=np.float64) * 2.0 / params.head_dim)
+    if freq_factors is not None:  # Llama 3 "rope_freqs": llama.cpp divides each frequency by its factor
+        inv_freq = inv_freq / freq_factors.astype(np.float64)
     angles = (positions.astype(np.float64)[:, None] / params.rope_linear_scale) * inv_freq[None, :]
     cos = np.cos(angles).astype(np.float32)[:, None, :]
     sin = np.sin(angles).astype(np.float32)[:, None, :]
@@ -68,7 +74,7 @@ class ReferenceLlama:
         return cls(model.params, weights)
 
     def _linear(self, x: np.ndarray, name: str) -> np.ndarray:
-        y = x @ self.weights[f"{name}.weight"].T
+        y: np.ndarray = x @ self.weights[f"{name}.weight"].T
         bias = self.weights.get(f"{name}.bias")
         return y if bias is None else y + bias
 
@@ -87,7 +93,8 @@ class ReferenceLlama:
             q = self._linear(h, f"{prefix}.attn_q").reshape(n_new, p.n_heads, p.head_dim)
             k = self._linear(h, f"{prefix}.attn_k").reshape(n_new, p.n_kv_heads, p.head_dim)
             v = self._linear(h, f"{prefix}.attn_v").reshape(n_new, p.n_kv_heads, p.head_dim)
-            q, k = _rotate(q, positions, p), _rotate(k, positions, p)
+            factors = self.weights.get("rope_freqs.weight")
+            q, k = _rotate(q, positions, p, factors), _rotate(k, positions, p, factors)
             if len(cache.keys) <= layer:
                 cache.keys.append(k)
                 cache.values.append(v)
@@ -123,3 +130,22 @@ class ReferenceLlama:
             out.append(token)
             logits = self.forward([token], cache)[-1]
         return out
+
+
+def use_single_blas_thread() -> None:
+    """Make OpenBLAS (numpy's matmul) single-threaded in this process.
+
+    On a loaded 2-core machine OpenBLAS's spinning threads make a 16x576x1536 product ~30x slower. The thread count
+    is normally fixed by ``OPENBLAS_NUM_THREADS`` before numpy loads, so set it through the library instead.
+    """
+    maps = Path("/proc/self/maps")
+    if not maps.exists():
+        return
+    libraries = {line.split()[-1] for line in maps.read_text().splitlines() if "openblas" in line.lower()}
+    for library in libraries:
+        handle = ctypes.CDLL(library)
+        for symbol in ("scipy_openblas_set_num_threads64_", "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            setter = getattr(handle, symbol, None)
+            if setter is not None:
+                setter(1)
+                break

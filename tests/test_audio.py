@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import numpy as np
@@ -79,7 +80,7 @@ def test_decode_pcm_rejects_partial_samples_and_nan() -> None:
 def test_decode_pcm_is_independent_of_frame_boundaries(values: list[int], cuts: list[int]) -> None:
     data = np.array(values, dtype="<i2").tobytes()
     points = sorted({min(2 * c, len(data)) for c in cuts} | {0, len(data)})
-    pieces = [decode_pcm(data[a:b], "pcm_s16le") for a, b in zip(points, points[1:], strict=False)]
+    pieces = [decode_pcm(data[a:b], "pcm_s16le") for a, b in itertools.pairwise(points)]
     joined = np.concatenate(pieces) if pieces else np.zeros(0, np.float32)
     assert np.array_equal(joined, decode_pcm(data, "pcm_s16le"))
 

@@ -68,7 +68,7 @@ class Ct2Model:
 class _Reader:
     """A cursor over a bytes buffer that raises ValueError on truncation."""
 
-    def __init__(self, data: bytes | memoryview, source: str) -> None:
+    def __init__(self, data: bytes | bytearray | memoryview, source: str) -> None:
         self._data = memoryview(data)
         self._pos = 0
         self._source = source
@@ -110,7 +110,7 @@ class _Reader:
         return raw[:-1].decode("utf-8")
 
 
-def parse_ct2_bytes(data: bytes | memoryview, source: str = "model.bin") -> Ct2Model:
+def parse_ct2_bytes(data: bytes | bytearray | memoryview, source: str = "model.bin") -> Ct2Model:
     """Parse the bytes of a CTranslate2 ``model.bin``. Arrays are copies, independent of ``data``."""
     reader = _Reader(data, source)
     binary_version = reader.u32("binary version")
@@ -157,7 +157,9 @@ def parse_ct2_bytes(data: bytes | memoryview, source: str = "model.bin") -> Ct2M
         aliases[alias] = target
 
     if reader.remaining:
-        raise ValueError(f"{source}: {reader.remaining} leftover bytes after the alias table at offset {reader.position}")
+        raise ValueError(
+            f"{source}: {reader.remaining} leftover bytes after the alias table at offset {reader.position}"
+        )
     for alias, target in aliases.items():
         if target not in variables and target not in aliases:
             raise ValueError(f"{source}: alias {alias!r} points to missing variable {target!r}")

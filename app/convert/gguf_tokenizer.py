@@ -25,6 +25,8 @@ from typing import Any
 import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
 
+from app.text.tokenizer import BYTE_LEVEL_CHARS
+
 logger = logging.getLogger(__name__)
 
 TOKENIZER_FILE_NAME = "tokenizer.json"
@@ -76,8 +78,9 @@ class PreTokenizerSpec:
 
 
 _GPT2_SPEC = PreTokenizerSpec(regexes=(_GPT2_REGEX,), ignore_merges=False, add_bos_default=False)
-_DIGITS_GPT2_SPEC = PreTokenizerSpec(regexes=(_SINGLE_DIGIT_REGEX, _GPT2_REGEX), ignore_merges=False,
-                                     add_bos_default=False)
+_DIGITS_GPT2_SPEC = PreTokenizerSpec(
+    regexes=(_SINGLE_DIGIT_REGEX, _GPT2_REGEX), ignore_merges=False, add_bos_default=False
+)
 _LLAMA3_SPEC = PreTokenizerSpec(regexes=(_LLAMA3_REGEX,), ignore_merges=True, add_bos_default=True)
 _QWEN2_SPEC = PreTokenizerSpec(regexes=(_QWEN2_REGEX,), ignore_merges=False, add_bos_default=False)
 
@@ -120,11 +123,19 @@ def _optional_id(reader: gguf.GGUFReader, key: str, vocab_size: int) -> int | No
     return token_id
 
 
-def _build_pre_tokenizer(spec: PreTokenizerSpec) -> pre_tokenizers.PreTokenizer:
+def _build_pre_tokenizer(spec: PreTokenizerSpec, vocab: dict[str, int]) -> pre_tokenizers.PreTokenizer:
     steps: list[pre_tokenizers.PreTokenizer] = [
         pre_tokenizers.Split(Regex(regex), behavior="isolated", invert=False) for regex in spec.regexes
     ]
     steps.append(pre_tokenizers.ByteLevel(add_prefix_space=False, trim_offsets=False, use_regex=False))
+    # A byte with no token of its own (SmolLM2 lacks 21, e.g. 0x04 and 0xF2) is dropped by llama.cpp, but it still
+    # separates its neighbours: they cannot merge across it. Hugging Face's BPE would drop the byte first and then
+    # merge the neighbours, so each such byte is split off into a pre-token of its own, which BPE turns into nothing.
+    missing = [char for char in BYTE_LEVEL_CHARS if char not in vocab]
+    if missing:
+        logger.info("%d bytes have no token; llama.cpp drops them from the input", len(missing))
+        char_class = "".join(f"\\x{{{ord(char):X}}}" for char in missing)
+        steps.append(pre_tokenizers.Split(Regex(f"[{char_class}]"), behavior="isolated", invert=False))
     return pre_tokenizers.Sequence(steps)
 
 
@@ -138,9 +149,7 @@ def _split_merges(merges: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def build_tokenizer(
-    tokens: list[str], token_types: list[int], merges: list[str], pre: str
-) -> Tokenizer:
+def build_tokenizer(tokens: list[str], token_types: list[int], merges: list[str], pre: str) -> Tokenizer:
     """A Hugging Face tokenizer that reproduces llama.cpp's BPE tokenization for these tokens and merges."""
     spec = PRE_TOKENIZERS.get(pre)
     if spec is None:
@@ -156,7 +165,7 @@ def build_tokenizer(
         vocab[text] = token_id
     model = models.BPE(vocab=vocab, merges=_split_merges(merges), ignore_merges=spec.ignore_merges, fuse_unk=False)
     tokenizer = Tokenizer(model)
-    tokenizer.pre_tokenizer = _build_pre_tokenizer(spec)
+    tokenizer.pre_tokenizer = _build_pre_tokenizer(spec, vocab)
     tokenizer.decoder = decoders.ByteLevel()
 
     # Added tokens are registered in id order so that they keep their GGUF ids.
@@ -164,11 +173,13 @@ def build_tokenizer(
     user_defined: list[AddedToken] = []
     for text, token_type in zip(tokens, token_types, strict=True):
         if token_type in (TOKEN_TYPE_CONTROL, TOKEN_TYPE_UNKNOWN):
-            special.append(AddedToken(text, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                      special=True))
+            special.append(
+                AddedToken(text, single_word=False, lstrip=False, rstrip=False, normalized=False, special=True)
+            )
         elif token_type == TOKEN_TYPE_USER_DEFINED:
-            user_defined.append(AddedToken(text, single_word=False, lstrip=False, rstrip=False, normalized=False,
-                                           special=False))
+            user_defined.append(
+                AddedToken(text, single_word=False, lstrip=False, rstrip=False, normalized=False, special=False)
+            )
     tokenizer.add_special_tokens(special)
     tokenizer.add_tokens(user_defined)
     if tokenizer.get_vocab_size(with_added_tokens=True) != len(tokens):
@@ -178,8 +189,9 @@ def build_tokenizer(
     return tokenizer
 
 
-def _stop_token_ids(tokens: list[str], token_types: list[int], eos_token_id: int | None,
-                    extra_ids: list[int | None]) -> list[int]:
+def _stop_token_ids(
+    tokens: list[str], token_types: list[int], eos_token_id: int | None, extra_ids: list[int | None]
+) -> list[int]:
     stop_ids = {token_id for token_id in [eos_token_id, *extra_ids] if token_id is not None}
     for token_id, (text, token_type) in enumerate(zip(tokens, token_types, strict=True)):
         if token_type == TOKEN_TYPE_CONTROL and text in END_OF_GENERATION_TEXTS:
@@ -187,9 +199,7 @@ def _stop_token_ids(tokens: list[str], token_types: list[int], eos_token_id: int
     return sorted(stop_ids)
 
 
-def write_tokenizer_files(
-    reader: gguf.GGUFReader, out_dir: Path, *, pre_override: str | None = None
-) -> dict[str, Any]:
+def write_tokenizer_files(reader: gguf.GGUFReader, out_dir: Path, *, pre_override: str | None = None) -> dict[str, Any]:
     """Write ``out_dir/tokenizer.json`` and return the tokenizer's config entries for the model manifest.
 
     ``pre_override`` replaces ``tokenizer.ggml.pre`` (used to test other pre-tokenizers on this vocabulary).
@@ -202,8 +212,10 @@ def write_tokenizer_files(
         )
     pre = pre_override if pre_override is not None else _field(reader, "tokenizer.ggml.pre")
     if pre is None:
-        raise UnsupportedTokenizerError("GGUF metadata has no 'tokenizer.ggml.pre'; llama.cpp would fall back to "
-                                        "its degraded 'default' pre-tokenizer, which is not supported")
+        raise UnsupportedTokenizerError(
+            "GGUF metadata has no 'tokenizer.ggml.pre'; llama.cpp would fall back to "
+            "its degraded 'default' pre-tokenizer, which is not supported"
+        )
     tokens: list[str] = list(_required(reader, "tokenizer.ggml.tokens"))
     token_types: list[int] = [int(t) for t in _required(reader, "tokenizer.ggml.token_type")]
     merges: list[str] = list(_required(reader, "tokenizer.ggml.merges"))

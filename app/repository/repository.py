@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from app.errors import ModelError, ModelNotReadyError, UnknownModelError
@@ -14,7 +14,7 @@ from app.repository.spec import MODEL_SPEC_FILENAME, ModelSpec, load_model_spec
 logger = logging.getLogger(__name__)
 
 
-class VersionState(str, Enum):
+class VersionState(StrEnum):
     """Whether a version's artifacts are on disk. `READY` means the manifest and its files are present."""
 
     MISSING = "missing"  # never fetched/converted

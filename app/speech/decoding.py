@@ -58,7 +58,9 @@ class DecodingRules:
         max_initial_timestamp_s: float | None = DEFAULT_MAX_INITIAL_TIMESTAMP_S,
     ) -> DecodingRules:
         """Rules from the converted model's config dict (keys eot, no_timestamps, timestamp_begin, n_vocab, ...)."""
-        missing = [key for key in ("eot", "no_timestamps", "timestamp_begin", "n_vocab", "no_speech") if key not in config]
+        missing = [
+            key for key in ("eot", "no_timestamps", "timestamp_begin", "n_vocab", "no_speech") if key not in config
+        ]
         if missing:
             raise KeyError(f"Whisper config lacks {missing}; got keys {sorted(config)}")
         max_index = None if max_initial_timestamp_s is None else round(max_initial_timestamp_s / TIME_PRECISION_S)
@@ -134,8 +136,9 @@ def _timestamp_mass_wins(row_logits: np.ndarray, timestamp_begin: int) -> bool:
 def log_softmax(logits: np.ndarray) -> np.ndarray:
     """Row-wise log-softmax of [batch, vocab] logits, computed in float64."""
     values = np.asarray(logits, dtype=np.float64)
-    shifted = values - values.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    shifted: np.ndarray = values - values.max(axis=-1, keepdims=True)
+    result: np.ndarray = shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    return result
 
 
 def _logsumexp(values: np.ndarray) -> float:
@@ -154,7 +157,8 @@ def pick_tokens(masked_logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def no_speech_probability(sot_logits: np.ndarray, no_speech: int) -> np.ndarray:
     """P(<|nospeech|>) per row from the raw (unmasked) logits at the start-of-transcript position."""
-    return np.exp(log_softmax(sot_logits)[:, no_speech])
+    probabilities: np.ndarray = np.exp(log_softmax(sot_logits)[:, no_speech])
+    return probabilities
 
 
 def average_logprob(sum_logprob: float, n_tokens: int) -> float:

@@ -62,7 +62,7 @@ def mel_filterbank(n_mels: int = N_MELS, *, sample_rate_hz: int = SAMPLE_RATE_HZ
     falling = distance_hz[2:] / widths_hz[1:, None]
     triangles = np.maximum(0.0, np.minimum(rising, falling))
     area_normalisation = 2.0 / (edges_hz[2 : n_mels + 2] - edges_hz[:n_mels])
-    filters = (triangles * area_normalisation[:, None]).astype(np.float32)
+    filters: np.ndarray = (triangles * area_normalisation[:, None]).astype(np.float32)
     filters.flags.writeable = False
     return filters
 
@@ -95,7 +95,9 @@ def log_mel_spectrogram(audio: np.ndarray, *, n_mels: int = N_MELS, padding_samp
         waveform = np.pad(waveform, (0, padding_samples))
     half = N_FFT // 2
     if waveform.shape[0] <= half:
-        raise ValueError(f"expected more than {half} samples (after padding) for reflect padding, got {waveform.shape[0]}")
+        raise ValueError(
+            f"expected more than {half} samples (after padding) for reflect padding, got {waveform.shape[0]}"
+        )
     padded = np.pad(waveform, (half, half), mode="reflect")
     n_frames = 1 + (padded.shape[0] - N_FFT) // HOP_LENGTH
     frames = np.lib.stride_tricks.as_strided(

@@ -18,6 +18,7 @@ one window per round and encodes and decodes the windows of all recordings in on
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -39,6 +40,7 @@ logger = logging.getLogger(__name__)
 
 SECONDS_PER_FRAME: Final = HOP_LENGTH / SAMPLE_RATE_HZ  # 0.01 s, computed as faster-whisper does
 FRAMES_PER_TIMESTAMP: Final = 2  # the encoder halves the frame rate: one timestamp step = 2 mel frames
+DEFAULT_MAX_BATCH_SIZE: Final = 8  # windows per encoder/decoder call (each holds ~18 MB of cross-attention cache)
 
 
 @dataclass(frozen=True)
@@ -112,28 +114,41 @@ def transcribe(
     audio: np.ndarray,
     runner: WhisperRunner,
     *,
-    condition_on_previous_text: bool = True,
+    condition_on_previous_text: bool | None = None,
     options: TranscriptionOptions | None = None,
 ) -> TranscriptionResult:
-    """Transcribe 16 kHz mono float32 audio of any length, like faster-whisper's long-form ``transcribe``."""
-    chosen = options or TranscriptionOptions(condition_on_previous_text=condition_on_previous_text)
-    if options is not None and condition_on_previous_text != options.condition_on_previous_text:
-        raise ValueError("pass condition_on_previous_text either directly or inside options, not both differently")
+    """Transcribe 16 kHz mono float32 audio of any length, like faster-whisper's long-form ``transcribe``.
+
+    ``condition_on_previous_text``, when given, overrides the value in ``options`` (default True).
+    """
+    chosen = options or TranscriptionOptions()
+    if condition_on_previous_text is not None:
+        chosen = dataclasses.replace(chosen, condition_on_previous_text=condition_on_previous_text)
     return transcribe_batch([audio], runner, options=chosen)[0]
 
 
 def transcribe_windows(
-    windows: Sequence[np.ndarray], runner: WhisperRunner, *, options: TranscriptionOptions | None = None
+    windows: Sequence[np.ndarray],
+    runner: WhisperRunner,
+    *,
+    options: TranscriptionOptions | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> list[TranscriptionResult]:
     """Transcribe independent short clips (typically up to 30 s each) together in batched model calls."""
-    return transcribe_batch(windows, runner, options=options)
+    return transcribe_batch(windows, runner, options=options, max_batch_size=max_batch_size)
 
 
 def transcribe_batch(
-    audios: Sequence[np.ndarray], runner: WhisperRunner, *, options: TranscriptionOptions | None = None
+    audios: Sequence[np.ndarray],
+    runner: WhisperRunner,
+    *,
+    options: TranscriptionOptions | None = None,
+    max_batch_size: int = DEFAULT_MAX_BATCH_SIZE,
 ) -> list[TranscriptionResult]:
     """Transcribe independent recordings; each result equals what ``transcribe`` gives for that recording alone
-    (up to the float rounding of batched matrix products)."""
+    (up to the float rounding of batched matrix products). At most ``max_batch_size`` windows share a call."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
     chosen = options or TranscriptionOptions()
     rules = DecodingRules.from_config(
         runner.config,
@@ -148,11 +163,13 @@ def transcribe_batch(
         active = [recording for recording in recordings if not recording.done]
         if not active:
             break
-        windows = [_next_window(recording, runner, sot_sequence, chosen) for recording in active]
-        encoded = runner.encode(np.stack([window.mel for window in windows]))
-        results = runner.decode(encoded, [window.prompt for window in windows], rules=rules)
-        for recording, window, result in zip(active, windows, results, strict=True):
-            _advance(recording, window, result, runner, chosen)
+        for first in range(0, len(active), max_batch_size):
+            chunk = active[first : first + max_batch_size]
+            windows = [_next_window(recording, runner, sot_sequence) for recording in chunk]
+            encoded = runner.encode(np.stack([window.mel for window in windows]))
+            results = runner.decode(encoded, [window.prompt for window in windows], rules=rules)
+            for recording, window, result in zip(chunk, windows, results, strict=True):
+                _advance(recording, window, result, runner, chosen)
     return [
         TranscriptionResult(recording.segments, float(audio.shape[0]) / SAMPLE_RATE_HZ)
         for recording, audio in zip(recordings, audios, strict=True)
@@ -178,9 +195,7 @@ def _prepare(audio: np.ndarray, n_mels: int) -> _Recording:
     return _Recording(features, content_frames=features.shape[-1] - 1)
 
 
-def _next_window(
-    recording: _Recording, runner: WhisperRunner, sot_sequence: list[int], options: TranscriptionOptions
-) -> _Window:
+def _next_window(recording: _Recording, runner: WhisperRunner, sot_sequence: list[int]) -> _Window:
     segment_size = min(runner.max_frames, recording.content_frames - recording.seek)
     mel = pad_or_trim_frames(recording.features[:, recording.seek : recording.seek + segment_size], runner.max_frames)
     previous = recording.all_tokens[recording.prompt_reset_since :]

@@ -33,7 +33,10 @@ ENCODER_INPUTS: Final = ("mel",)
 ENCODER_OUTPUTS: Final = ("cross_k", "cross_v")
 DECODER_INPUTS: Final = ("tokens", "self_k", "self_v", "cross_k", "cross_v")
 DECODER_OUTPUTS: Final = ("logits", "new_self_k", "new_self_v")
-_NUMPY_BY_ORT_TYPE: Final = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+_NUMPY_BY_ORT_TYPE: Final[dict[str, type[np.floating[Any]]]] = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+}
 
 
 @dataclass(frozen=True)
@@ -87,8 +90,9 @@ class WhisperRunner:
         self.max_frames = int(config["max_frames"])
         self.sot = int(config["sot"])
         self.no_timestamps = int(config["no_timestamps"])
-        self.tokenizer = WhisperTokenizer.from_file(model_dir / str(config.get("tokenizer", "tokenizer.json")),
-                                                    eot=int(config["eot"]))
+        self.tokenizer = WhisperTokenizer.from_file(
+            model_dir / str(config.get("tokenizer", "tokenizer.json")), eot=int(config["eot"])
+        )
 
     def encode(self, mel: np.ndarray) -> EncoderOutput:
         """Encode log-mel windows [batch, n_mels, frames] (frames even, at most ``max_frames``)."""
@@ -146,7 +150,9 @@ class WhisperRunner:
         prompt_length = len(prompts[0])
         limit = self.default_max_new_tokens(prompt_length) if max_new_tokens is None else max_new_tokens
         if limit < 1 or prompt_length + limit - 1 > self.n_text_ctx:
-            raise ValueError(f"{limit} new tokens after a {prompt_length}-token prompt exceed {self.n_text_ctx} positions")
+            raise ValueError(
+                f"{limit} new tokens after a {prompt_length}-token prompt exceed {self.n_text_ctx} positions"
+            )
         if rules is None:
             rules = DecodingRules.from_config(self.config, with_timestamps=prompts[0][-1] != self.no_timestamps)
         sot_index = prompts[0].index(self.sot)

@@ -1,0 +1,73 @@
+"""Server settings: one frozen dataclass, read from `BROOK_*` environment variables and CLI flags here only."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from app.paths import default_model_dir
+
+ENV_PREFIX = "BROOK_"
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Every knob of `brook serve`. Each field maps to `BROOK_<FIELD>` and to `--<field>` on the command line."""
+
+    host: str = "127.0.0.1"  # interface to bind
+    port: int = 8000  # TCP port
+    model_dir: Path = field(default_factory=default_model_dir)  # the model repository folder
+    models: tuple[str, ...] = ("whisper-tiny-en", "silero-vad")  # models loaded at start (all their versions)
+    speech_model: str = "whisper-tiny-en"  # default model of /v1/listen
+    vad_model: str = "silero-vad"  # VAD used by every speech engine
+    chat_model: str = "smollm2-135m-instruct"  # default model of /v1/chat
+    api_keys: tuple[str, ...] = ()  # when set, every request needs one (Bearer header or ?token=)
+    allowed_origins: tuple[str, ...] = ()  # when set, WebSocket/HTTP requests with another Origin are refused
+    max_listen_sessions: int = 32  # concurrent /v1/listen sockets; more get HTTP 503 + Retry-After
+    max_chat_sessions: int = 32  # concurrent /v1/chat sockets
+    max_frame_bytes: int = 1 << 20  # largest WebSocket frame accepted (1 MiB); larger closes with 1009
+    idle_timeout_s: float = 60.0  # a socket that sends nothing for this long is closed (keepalive resets it)
+    max_utterance_s: float = 25.0  # a final is forced when one utterance reaches this length
+    speech_threads: int = 1  # onnxruntime intra-op threads of each speech engine
+    chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
+    retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
+    shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
+    log_level: str = "info"  # uvicorn/app log level
+
+    def with_overrides(self, values: Mapping[str, Any]) -> Settings:
+        known = {f.name for f in fields(self)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown settings: {', '.join(sorted(unknown))}")
+        return replace(self, **{k: v for k, v in values.items() if v is not None})
+
+
+def _convert(raw: str, kind: Any, name: str) -> Any:
+    try:
+        if kind is int:
+            return int(raw)
+        if kind is float:
+            return float(raw)
+        if kind is Path:
+            return Path(raw)
+        if kind == tuple[str, ...]:
+            return tuple(part.strip() for part in raw.split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"{ENV_PREFIX}{name.upper()} must be {kind.__name__}, got {raw!r}") from None
+    return raw
+
+
+def settings_from_env(environ: Mapping[str, str] | None = None, base: Settings | None = None) -> Settings:
+    """Apply `BROOK_*` variables on top of `base` (default: the defaults)."""
+    env = os.environ if environ is None else environ
+    base = base or Settings()
+    hints = get_type_hints(Settings)
+    values = {}
+    for f in fields(Settings):
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is not None:
+            values[f.name] = _convert(raw, hints[f.name], f.name)
+    return base.with_overrides(values)

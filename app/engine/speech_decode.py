@@ -1,0 +1,179 @@
+"""Transcribe utterance windows for the streaming engine, with guards against Whisper's failures on short windows.
+
+Runs on the engine's inference thread: numpy audio in, text out, one batched encoder call and one batched decoder
+call per group of windows with the same frame count.
+
+The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, see
+/work/shared/notes/whisper-tiny-en-ct2.md, and sometimes on full windows too):
+
+- ``token_limit``: at most ``tokens_base + tokens_per_s * duration`` new tokens, so a runaway decoder stops early
+  (real speech measured at 2-5 tokens per second, timestamps included, on the test recordings);
+- ``collapse_repeats``: ``repeat_limit`` or more back-to-back copies of the same token n-gram collapse to one;
+- the offline no-speech rule: no text when P(no speech) > 0.6 while the average log-probability is < -1.0;
+- a partial whose text still compresses too well (zlib ratio > 2.4, a loop ``collapse_repeats`` missed) is not
+  shown (a final keeps its collapsed text).
+
+Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
+this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Final, Literal
+
+import numpy as np
+
+from app.speech.decoding import DecodingRules, compression_ratio
+from app.speech.features import HOP_LENGTH, SAMPLE_RATE_HZ, TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram
+from app.speech.whisper_runner import DecodeResult, WhisperRunner
+
+logger = logging.getLogger(__name__)
+
+WindowKind = Literal["partial", "final"]
+MIN_WINDOW_SAMPLES: Final = 201  # log_mel_spectrogram needs more than N_FFT // 2 samples
+TOKEN_LIMIT_CLASSES: Final = (32, 64, 128)  # rows are decoded in sub-batches whose limits differ at most 2x
+
+
+@dataclass(frozen=True)
+class DecodePolicy:
+    """How windows are sized and decoded, and when a result is thrown away."""
+
+    final_full_window: bool = True  # finals use the full 30 s window (like offline); else they are bucketed too
+    pad_s: float = 1.0  # silence after the audio of a bucketed window
+    bucket_s: float = 2.0  # bucketed windows are rounded up to a multiple of this, so streams share calls
+    tokens_base: int = 10  # new-token limit: tokens_base + tokens_per_s * seconds of audio
+    tokens_per_s: float = 8.0
+    repeat_limit: int = 4  # this many back-to-back copies of an n-gram collapse to one
+    max_repeat_ngram: int = 16  # longest n-gram (in tokens) checked for repeats
+    no_speech_threshold: float = 0.6  # no text when P(no speech) is above this ...
+    logprob_threshold: float = -1.0  # ... and the average log-probability is below this
+    compression_ratio_threshold: float = 2.4  # a partial whose text compresses more than this is not shown
+
+    def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
+        """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
+        if kind == "final" and self.final_full_window:
+            return max_frames
+        bucket = max(2, round(self.bucket_s * SAMPLE_RATE_HZ / HOP_LENGTH) // 2 * 2)
+        wanted = n_samples / HOP_LENGTH + self.pad_s * SAMPLE_RATE_HZ / HOP_LENGTH
+        return min(max_frames, max(bucket, math.ceil(wanted / bucket) * bucket))
+
+    def token_limit(self, n_samples: int) -> int:
+        return self.tokens_base + math.ceil(self.tokens_per_s * n_samples / SAMPLE_RATE_HZ)
+
+
+@dataclass(frozen=True)
+class WindowJob:
+    """One window to transcribe: ``audio`` (a private copy) padded to ``frames`` encoder frames."""
+
+    key: int  # the caller's index of this window, handed back with the result
+    kind: WindowKind
+    audio: np.ndarray  # float32 [samples], 16 kHz
+    frames: int
+    max_new_tokens: int
+
+
+@dataclass(frozen=True)
+class WindowText:
+    """What one window said."""
+
+    key: int
+    text: str  # "" for no speech (or a rejected partial)
+    no_speech: bool  # the no-speech rule fired
+    collapsed: bool  # repeated n-grams were collapsed
+    hit_token_limit: bool  # the decoder was stopped by ``max_new_tokens``
+    n_tokens: int
+
+
+@dataclass(frozen=True)
+class GroupTiming:
+    """Seconds spent in each stage of one group (for the engine's observer)."""
+
+    size: int
+    features_s: float
+    encode_s: float
+    decode_s: float
+
+
+def collapse_repeats(tokens: Sequence[int], repeat_limit: int, max_ngram: int) -> tuple[list[int], bool]:
+    """Collapse every run of ``repeat_limit`` or more back-to-back copies of one n-gram to a single copy."""
+    result = list(tokens)
+    changed = False
+    index = 0
+    while index < len(result):
+        for size in range(1, max_ngram + 1):
+            if index + size * repeat_limit > len(result):
+                break
+            gram = result[index : index + size]
+            copies = 1
+            while result[index + copies * size : index + (copies + 1) * size] == gram:
+                copies += 1
+            if copies >= repeat_limit:
+                del result[index + size : index + copies * size]
+                changed = True
+                break
+        index += 1
+    return result, changed
+
+
+def window_text_from_tokens(tokens: Sequence[int], runner: WhisperRunner) -> str:
+    """Text of a window's text tokens (timestamps dropped): segments' leading spaces stripped, single spaces."""
+    return " ".join(runner.tokenizer.decode(list(tokens)).split())
+
+
+def window_features(audio: np.ndarray, frames: int, n_mels: int) -> np.ndarray:
+    """Log-mel [n_mels, frames] of the audio, zero-padded in the log-mel domain (as offline transcription pads)."""
+    if audio.shape[0] < MIN_WINDOW_SAMPLES:
+        audio = np.pad(audio, (0, MIN_WINDOW_SAMPLES - audio.shape[0]))
+    mel = log_mel_spectrogram(audio, n_mels=n_mels, padding_samples=TRANSCRIBE_PADDING_SAMPLES)
+    content = min(frames, audio.shape[0] // HOP_LENGTH)
+    window = np.zeros((n_mels, frames), dtype=np.float32)
+    window[:, :content] = mel[:, :content]
+    return window
+
+
+def transcribe_group(
+    runner: WhisperRunner, jobs: Sequence[WindowJob], policy: DecodePolicy, rules: DecodingRules
+) -> tuple[list[WindowText], GroupTiming]:
+    """Encode and decode windows of equal frame count in one batch each."""
+    frames = {job.frames for job in jobs}
+    if len(frames) != 1:
+        raise ValueError(f"expected windows of one frame count per group, got {sorted(frames)}")
+    n_mels = int(runner.config["n_mels"])
+    started = time.perf_counter()
+    mel = np.stack([window_features(job.audio, job.frames, n_mels) for job in jobs])
+    featured = time.perf_counter()
+    encoded = runner.encode(mel)
+    encoded_at = time.perf_counter()
+    ceiling = runner.default_max_new_tokens(1)
+    classes: dict[int, list[int]] = {}
+    for row, job in enumerate(jobs):
+        size = next((size for size in TOKEN_LIMIT_CLASSES if job.max_new_tokens <= size), ceiling)
+        classes.setdefault(size, []).append(row)
+    results: dict[int, DecodeResult] = {}
+    for rows in classes.values():
+        limit = min(ceiling, max(jobs[row].max_new_tokens for row in rows))
+        chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
+        decoded = runner.decode(chosen, [[runner.sot]] * len(rows), max_new_tokens=limit, rules=rules)
+        results.update(zip(rows, decoded, strict=True))
+    decoded_at = time.perf_counter()
+    texts = [_window_text(job, results[row], runner, policy) for row, job in enumerate(jobs)]
+    timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decoded_at - encoded_at)
+    return texts, timing
+
+
+def _window_text(job: WindowJob, result: DecodeResult, runner: WhisperRunner, policy: DecodePolicy) -> WindowText:
+    kept = result.tokens[: job.max_new_tokens]
+    hit_limit = not result.reached_eot or len(result.tokens) > job.max_new_tokens
+    no_speech = result.no_speech_prob > policy.no_speech_threshold and result.avg_logprob < policy.logprob_threshold
+    timestamp_begin = int(runner.config["timestamp_begin"])
+    text_tokens = [token for token in kept if token < timestamp_begin]
+    collapsed_tokens, collapsed = collapse_repeats(text_tokens, policy.repeat_limit, policy.max_repeat_ngram)
+    text = "" if no_speech else window_text_from_tokens(collapsed_tokens, runner)
+    if job.kind == "partial" and text and compression_ratio(text) > policy.compression_ratio_threshold:
+        text = ""
+    return WindowText(job.key, text, no_speech, collapsed, hit_limit, len(kept))

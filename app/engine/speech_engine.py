@@ -1,0 +1,585 @@
+"""Brook's streaming speech-to-text engine: one per Whisper model version, serving every live audio stream at once.
+
+Shape (the vLLM/sherpa pattern, see /work/shared/STYLE.md section 6):
+
+- The asyncio event loop owns every piece of mutable state: streams, audio buffers, VAD states, the pure
+  ``SpeechScheduler`` and the mailboxes. One step-loop task drives the work; when there is none it waits on an
+  ``asyncio.Event`` (no polling).
+- Only runner calls leave the loop, on a single-thread ``ThreadPoolExecutor`` owned by the engine, with fresh
+  numpy inputs (audio slices and VAD states are copies; results are copied back on the loop).
+- A step: Silero VAD on every pending 512-sample frame of every stream, one batched call per frame column; the
+  segmenters turn probabilities into ``SpeechStarted`` events and due decodes; then every due final and the newest
+  due partial of each stream (up to ``max_batch_size`` windows, finals first) are transcribed, one batched encoder
+  and decoder call per group of equal window length.
+- Nothing reaches Whisper without the VAD: silence and noise cost only VAD calls and produce no events.
+
+Windows (measured on this 2-core machine, whisper-tiny-en fp32, see the report of scripts/bench_speech_engine.py):
+finals use the full 30 s window, as offline transcription does: bucketed short windows made the decoder loop on
+8 of 36 utterances of the test recordings (word error rate against offline transcription 2.0 on meeting_60s, against
+0.46 with full windows), and the guards below could only cut those loops, not recover the words. Partials use
+windows sized to the audio plus ``pad_s`` of padding, rounded up to ``bucket_s`` (2 s), so streams whose utterances
+are about as long share an encoder call and a partial costs a fraction of a full window; their loops are cut by the
+guards in ``app.engine.speech_decode`` (token limit by duration, repeated n-gram collapse, compression ratio).
+
+Each stream's outgoing mailbox is bounded: a new partial replaces an unsent older partial of the same utterance;
+``SpeechStarted``, finals and ``StreamEnded`` are never dropped, and ``push_audio`` waits (backpressure) while the
+stream has more than ``max_backlog_s`` of unsettled audio or ``max_pending_events`` unread events, so a slow
+consumer slows only its own producer. If the loop crashes, every stream's ``next_event`` raises ``EngineDeadError``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import logging
+import time
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Final, Protocol
+
+import numpy as np
+
+from app.engine.speech_decode import DecodePolicy, GroupTiming, WindowJob, WindowText, transcribe_group
+from app.engine.speech_events import SpeechEvent, SpeechStarted, StreamEnded, StreamOptions, Transcript
+from app.engine.speech_scheduler import DecodeGroup, DecodeItem, SpeechScheduler
+from app.engine.utterance import SAMPLE_RATE_HZ, VAD_FRAME_SAMPLES, SegmentationConfig, UtteranceStarted
+from app.errors import EngineDeadError
+from app.speech.decoding import DecodingRules
+from app.speech.vad import VadRunner, VadStreamState
+from app.speech.whisper_runner import WhisperRunner
+
+if TYPE_CHECKING:
+    from app.repository import ModelRepository
+
+logger = logging.getLogger(__name__)
+
+WHISPER_MAX_WINDOW_S: Final = 30.0
+
+
+@dataclass(frozen=True)
+class SpeechEngineSettings:
+    """Every tunable of the engine."""
+
+    partial_interval_s: float = 0.5  # new speech audio between two partials of an utterance
+    max_batch_size: int = 16  # windows transcribed per step (finals first, then partials)
+    vad_threshold: float = 0.5  # Silero probability at or above which speech starts
+    vad_neg_threshold: float = 0.35  # below this a frame is silence (hysteresis)
+    speech_pad_ms: int = 300  # audio kept before the onset (pre-roll) and after the last speech
+    min_speech_ms: int = 250  # voiced audio needed before an utterance is reported; shorter sounds are ignored
+    max_utterance_s: float = 20.0  # a final is forced at this length (<= 30 s) and a new utterance continues
+    cut_search_s: float = 3.0  # a forced cut goes to the quietest frame of this last stretch
+    max_backlog_s: float = 10.0  # push_audio waits while a stream has more unsettled audio than this
+    max_pending_events: int = 64  # push_audio also waits while the consumer has this many unread events
+    max_vad_s_per_step: float = 5.0  # VAD audio per stream per step, so a burst cannot monopolise a step
+    intra_op_threads: int = 2  # onnxruntime threads of the Whisper sessions (used by ``from_repository``)
+    decode: DecodePolicy = field(default_factory=DecodePolicy)  # window sizes and decode guards
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_utterance_s <= WHISPER_MAX_WINDOW_S:
+            raise ValueError(f"max_utterance_s must lie in (0, {WHISPER_MAX_WINDOW_S}], got {self.max_utterance_s}")
+        if self.partial_interval_s <= 0 or self.max_backlog_s <= 0 or self.max_vad_s_per_step <= 0:
+            raise ValueError(f"expected positive intervals, got {self}")
+        if self.max_batch_size < 1 or self.max_pending_events < 1 or self.intra_op_threads < 1:
+            raise ValueError(f"expected positive sizes, got {self}")
+
+    def segmentation(self, options: StreamOptions) -> SegmentationConfig:
+        """The segmentation of one stream: engine settings plus the client's options."""
+        return SegmentationConfig.from_ms(
+            threshold=self.vad_threshold,
+            neg_threshold=self.vad_neg_threshold,
+            min_speech_ms=self.min_speech_ms,
+            silence_ms=options.vad_silence_ms,
+            speech_pad_ms=self.speech_pad_ms,
+            partial_interval_s=self.partial_interval_s if options.interim_results else None,
+            max_utterance_s=self.max_utterance_s,
+            cut_search_s=min(self.cut_search_s, self.max_utterance_s / 2),
+        )
+
+
+class SpeechEngineObserver(Protocol):
+    """Metrics hooks, called on the event loop."""
+
+    def on_batch(self, stage: str, size: int, seconds: float) -> None:
+        """After each runner call: ``stage`` is "vad", "encode" or "decode"; ``size`` is its batch size."""
+
+    def on_partial_latency(self, seconds: float) -> None:
+        """When a partial is queued: seconds since the last audio it covers was pushed."""
+
+    def on_final_latency(self, seconds: float) -> None:
+        """When a final is queued: seconds since the end of speech became known (the audio completing the
+        silence was pushed, or finalize()/end() was called)."""
+
+
+class _NullObserver:
+    def on_batch(self, stage: str, size: int, seconds: float) -> None:
+        pass
+
+    def on_partial_latency(self, seconds: float) -> None:
+        pass
+
+    def on_final_latency(self, seconds: float) -> None:
+        pass
+
+
+class _AudioBuffer:
+    """The samples of one stream from ``base`` on, in one growing float32 array."""
+
+    def __init__(self, capacity: int = SAMPLE_RATE_HZ * 4) -> None:
+        self._data = np.zeros(capacity, dtype=np.float32)
+        self._offset = 0  # index in _data of sample ``base``
+        self.base = 0  # absolute index of the first sample kept
+        self.end = 0  # absolute index after the last sample
+
+    @property
+    def kept_samples(self) -> int:
+        return self.end - self.base
+
+    def append(self, samples: np.ndarray) -> None:
+        needed = self.kept_samples + samples.shape[0]
+        if self._offset + needed > self._data.shape[0]:
+            capacity = self._data.shape[0]
+            while needed > capacity // 2:
+                capacity *= 2
+            fresh = np.zeros(capacity, dtype=np.float32)
+            fresh[: self.kept_samples] = self._data[self._offset : self._offset + self.kept_samples]
+            self._data, self._offset = fresh, 0
+        start = self._offset + self.kept_samples
+        self._data[start : start + samples.shape[0]] = samples
+        self.end += samples.shape[0]
+
+    def read(self, start: int, end: int) -> np.ndarray:
+        """A copy of samples ``[start, end)``."""
+        if not self.base <= start <= end <= self.end:
+            raise ValueError(f"expected a range inside [{self.base}, {self.end}), got [{start}, {end})")
+        return self._data[self._offset + start - self.base : self._offset + end - self.base].copy()
+
+    def discard_before(self, position: int) -> None:
+        position = min(max(position, self.base), self.end)
+        self._offset += position - self.base
+        self.base = position
+
+
+class _Mailbox:
+    """Events for one consumer. Partials of an utterance coalesce; everything else is kept in order."""
+
+    def __init__(self) -> None:
+        self._events: deque[SpeechEvent] = deque()
+        self._ready = asyncio.Event()
+        self._error: BaseException | None = None
+        self._closed = False  # close(): drop everything, answer StreamEnded
+        self._finished = False  # StreamEnded was queued: answer StreamEnded once the queue is empty
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def put(self, event: SpeechEvent) -> None:
+        if self._closed:
+            return
+        if isinstance(event, Transcript) and event.kind == "partial":
+            for index, queued in enumerate(self._events):
+                if isinstance(queued, Transcript) and queued.kind == "partial" and queued.utterance == event.utterance:
+                    self._events[index] = event
+                    return
+        self._finished = self._finished or isinstance(event, StreamEnded)
+        self._events.append(event)
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        self._error = error
+        self._ready.set()
+
+    def close(self) -> None:
+        self._closed = True
+        self._events.clear()
+        self._ready.set()
+
+    async def get(self) -> SpeechEvent:
+        while True:
+            if self._events:
+                return self._events.popleft()
+            if self._closed or self._finished:
+                return StreamEnded()
+            if self._error is not None:
+                raise self._error
+            self._ready.clear()
+            await self._ready.wait()
+
+
+@dataclass
+class _StreamState:
+    """Loop-owned state of one stream."""
+
+    stream_id: str
+    options: StreamOptions
+    vad: VadStreamState
+    audio: _AudioBuffer = field(default_factory=_AudioBuffer)
+    mailbox: _Mailbox = field(default_factory=_Mailbox)
+    space: asyncio.Event = field(default_factory=asyncio.Event)  # set when a waiting push may proceed
+    pushes: deque[tuple[int, float]] = field(default_factory=deque)  # (end sample, monotonic time) per push
+    marker_times: dict[int, float] = field(default_factory=dict)  # finalize/end position -> monotonic time
+    ended: bool = False  # end() was called
+    closed: bool = False  # close() was called, or the engine released it after StreamEnded
+
+    def push_time(self, position: int) -> float | None:
+        """When the sample at ``position`` was pushed."""
+        for end, pushed_at in self.pushes:
+            if end > position:
+                return pushed_at
+        return None
+
+    def forget_before(self, position: int) -> None:
+        """Drop push and marker times no decode can ask about any more."""
+        while len(self.pushes) > 1 and self.pushes[0][0] <= position:
+            self.pushes.popleft()
+        for marker in [marker for marker in self.marker_times if marker < position]:
+            del self.marker_times[marker]
+
+
+@dataclass(frozen=True)
+class _InFlight:
+    item: DecodeItem
+    due_at: float | None  # monotonic time the decode became due (for the latency hooks)
+
+
+class SpeechStream:
+    """A client's handle on one live audio stream. Use it from the engine's event loop only."""
+
+    def __init__(self, engine: SpeechEngine, state: _StreamState) -> None:
+        self._engine = engine
+        self._state = state
+        self.id = state.stream_id
+        self.options = state.options
+
+    async def push_audio(self, samples: np.ndarray) -> None:
+        """Append 16 kHz mono float samples. Waits while the stream's backlog is full. Ignored after close()."""
+        if samples.ndim != 1 or not np.issubdtype(samples.dtype, np.floating):
+            raise ValueError(f"expected 1-D float samples at 16 kHz, got dtype {samples.dtype} shape {samples.shape}")
+        state = self._state
+        if state.ended:
+            raise ValueError(f"stream {self.id}: expected no audio after end()")
+        fresh = np.array(samples, dtype=np.float32, copy=True)
+        if not np.all(np.isfinite(fresh)):
+            raise ValueError(f"stream {self.id}: audio contains NaN or infinite samples")
+        while not state.closed and self._engine._must_wait(state):
+            state.space.clear()
+            await state.space.wait()
+        if state.closed or fresh.shape[0] == 0:
+            return
+        self._engine._accept_audio(state, fresh)
+
+    def finalize(self) -> None:
+        """End the current utterance at the audio pushed so far (a final if it holds reported speech)."""
+        self._engine._marker(self._state, "finalize")
+
+    def end(self) -> None:
+        """No more audio: the final of the current utterance, then ``StreamEnded``."""
+        self._engine._marker(self._state, "end")
+
+    async def next_event(self) -> SpeechEvent:
+        """The next event; ``StreamEnded`` after close(); raises ``EngineDeadError`` once the engine is gone."""
+        event = await self._state.mailbox.get()
+        self._state.space.set()
+        return event
+
+    def close(self) -> None:
+        """Abort: drop every buffer and state of this stream at once. Idempotent."""
+        self._engine._release(self._state)
+
+
+class SpeechEngine:
+    """Streaming speech-to-text for every stream of one Whisper model version."""
+
+    def __init__(
+        self,
+        whisper: WhisperRunner,
+        vad: VadRunner,
+        settings: SpeechEngineSettings | None = None,
+        observer: SpeechEngineObserver | None = None,
+    ) -> None:
+        self.settings = settings or SpeechEngineSettings()
+        self._whisper = whisper
+        self._vad = vad
+        self._observer: SpeechEngineObserver = observer or _NullObserver()
+        if vad.config.frame_samples != VAD_FRAME_SAMPLES or vad.config.sample_rate != SAMPLE_RATE_HZ:
+            raise ValueError(
+                f"expected a {SAMPLE_RATE_HZ} Hz VAD with {VAD_FRAME_SAMPLES}-sample frames, "
+                f"got {vad.config.sample_rate} Hz and {vad.config.frame_samples}"
+            )
+        policy = self.settings.decode
+        max_frames = whisper.max_frames
+        self._scheduler = SpeechScheduler(
+            lambda n_samples, kind: policy.window_frames(n_samples, kind, max_frames),
+            policy.token_limit,
+            max_batch_size=self.settings.max_batch_size,
+            max_vad_frames_per_step=max(
+                1, round(self.settings.max_vad_s_per_step * SAMPLE_RATE_HZ / VAD_FRAME_SAMPLES)
+            ),
+        )
+        self._rules = DecodingRules.from_config(whisper.config)
+        self._streams: dict[str, _StreamState] = {}
+        self._ids = itertools.count()
+        self._wake = asyncio.Event()
+        self._executor: ThreadPoolExecutor | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._dead: EngineDeadError | None = None
+        self._busy_s = 0.0  # seconds the inference thread has worked (for benchmarks)
+
+    @classmethod
+    def from_repository(
+        cls,
+        repository: ModelRepository,
+        whisper_name: str = "whisper-tiny-en",
+        whisper_version: int | None = None,
+        *,
+        vad_name: str = "silero-vad",
+        settings: SpeechEngineSettings | None = None,
+        observer: SpeechEngineObserver | None = None,
+    ) -> SpeechEngine:
+        """Load the runners from the model repository (Whisper with ``settings.intra_op_threads`` threads)."""
+        chosen = settings or SpeechEngineSettings()
+        whisper = repository.load(whisper_name, whisper_version)
+        vad = repository.load(vad_name)
+        return cls(
+            WhisperRunner(whisper.directory, whisper.manifest.config, intra_op_threads=chosen.intra_op_threads),
+            VadRunner(vad.directory, vad.manifest.config),
+            chosen,
+            observer,
+        )
+
+    # ----------------------------------------------------------------------------------------------- lifecycle
+
+    async def start(self) -> None:
+        if self._task is not None:
+            raise RuntimeError("the speech engine was already started")
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-engine")
+        self._task = asyncio.create_task(self._run(), name="speech-engine-step-loop")
+
+    async def shutdown(self) -> None:
+        """Stop the loop; every stream's pending and later ``next_event`` raises ``EngineDeadError``."""
+        self._fail(EngineDeadError("the speech engine was shut down"))
+        task, self._task = self._task, None
+        if task is not None:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+
+    @property
+    def active_streams(self) -> int:
+        return len(self._streams)
+
+    @property
+    def busy_seconds(self) -> float:
+        """Seconds the inference thread has spent in runner calls so far."""
+        return self._busy_s
+
+    def open_stream(self, options: StreamOptions | None = None) -> SpeechStream:
+        if self._dead is not None:
+            raise self._dead
+        chosen = options or StreamOptions()
+        stream_id = f"speech-{next(self._ids)}"
+        state = _StreamState(stream_id, chosen, self._vad.new_stream())
+        self._scheduler.add_stream(stream_id, self.settings.segmentation(chosen))
+        self._streams[stream_id] = state
+        return SpeechStream(self, state)
+
+    # ----------------------------------------------------------------------------------------------- stream calls
+
+    def _must_wait(self, state: _StreamState) -> bool:
+        if self._dead is not None:
+            raise self._dead
+        if state.stream_id not in self._scheduler:
+            return False
+        backlog_s = self._scheduler.backlog(state.stream_id) / SAMPLE_RATE_HZ
+        return backlog_s > self.settings.max_backlog_s or len(state.mailbox) >= self.settings.max_pending_events
+
+    def _accept_audio(self, state: _StreamState, samples: np.ndarray) -> None:
+        state.audio.append(samples)
+        total = self._scheduler.push(state.stream_id, samples.shape[0])
+        state.pushes.append((total, time.monotonic()))
+        self._wake.set()
+
+    def _marker(self, state: _StreamState, kind: str) -> None:
+        if state.closed or state.ended:
+            return
+        if self._dead is not None:
+            raise self._dead
+        state.marker_times[self._scheduler.pushed(state.stream_id)] = time.monotonic()
+        if kind == "end":
+            state.ended = True
+            self._scheduler.end(state.stream_id)
+        else:
+            self._scheduler.finalize(state.stream_id)
+        self._wake.set()
+
+    def _release(self, state: _StreamState, *, keep_events: bool = False) -> None:
+        """Forget a stream's engine-side state (close(), or after StreamEnded with ``keep_events``)."""
+        if state.stream_id in self._streams:
+            del self._streams[state.stream_id]
+            self._scheduler.remove_stream(state.stream_id)
+        state.closed = True
+        state.audio = _AudioBuffer(capacity=0)
+        state.pushes.clear()
+        state.marker_times.clear()
+        if not keep_events:
+            state.mailbox.close()
+        state.space.set()
+
+    def _fail(self, error: EngineDeadError) -> None:
+        if self._dead is None:
+            self._dead = error
+        for state in list(self._streams.values()):
+            state.mailbox.fail(self._dead)
+            state.space.set()
+
+    # ----------------------------------------------------------------------------------------------- step loop
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self._scheduler.has_work():
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                await self._step()
+                await asyncio.sleep(0)  # let pushes and consumers run between steps
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.exception("speech engine step loop crashed")
+            error = EngineDeadError(f"the speech engine crashed: {exc!r}")
+            error.__cause__ = exc
+            self._fail(error)
+
+    async def _step(self) -> None:
+        await self._vad_phase()
+        for stream_id in self._scheduler.take_ended():
+            self._end_stream(stream_id)
+        groups = self._scheduler.plan_decodes()
+        if groups:
+            await self._decode_phase(groups)
+        for state in list(self._streams.values()):
+            retain = self._scheduler.retain_from(state.stream_id)
+            state.audio.discard_before(retain)
+            state.forget_before(retain)
+            state.space.set()
+
+    async def _vad_phase(self) -> None:
+        plan = self._scheduler.plan_vad()
+        work = [item for item in plan if item.n_frames > 0]
+        probabilities: dict[str, list[float]] = {}
+        if work:
+            inputs: list[tuple[VadStreamState, np.ndarray]] = []
+            for item in work:
+                state = self._streams[item.stream_id]
+                end = item.first_sample + item.n_frames * VAD_FRAME_SAMPLES
+                frames = state.audio.read(item.first_sample, end).reshape(item.n_frames, VAD_FRAME_SAMPLES)
+                inputs.append((VadStreamState(state.vad.state.copy(), state.vad.context.copy()), frames))
+            results, columns = await self._infer(_run_vad_columns, self._vad, inputs)
+            for size, seconds in columns:
+                self._observer.on_batch("vad", size, seconds)
+            for item, (vad_state, _), values in zip(work, inputs, results, strict=True):
+                state_now = self._streams.get(item.stream_id)
+                if state_now is None:
+                    continue  # closed while the VAD ran
+                state_now.vad.state[...] = vad_state.state
+                state_now.vad.context[...] = vad_state.context
+                probabilities[item.stream_id] = [float(value) for value in values]
+        for item in plan:
+            if item.stream_id not in self._streams:
+                continue
+            state = self._streams[item.stream_id]
+            for event in self._scheduler.apply_vad(item.stream_id, probabilities.get(item.stream_id, [])):
+                if isinstance(event, UtteranceStarted):
+                    state.mailbox.put(SpeechStarted(event.utterance, event.start / SAMPLE_RATE_HZ))
+
+    async def _decode_phase(self, groups: list[DecodeGroup]) -> None:
+        batches: list[list[WindowJob]] = []
+        flights: list[_InFlight] = []
+        for group in groups:
+            jobs: list[WindowJob] = []
+            for item in group.items:
+                state = self._streams[item.stream_id]
+                flights.append(_InFlight(item, self._due_time(state, item)))
+                audio = state.audio.read(item.start, item.end)
+                jobs.append(WindowJob(len(flights) - 1, item.kind, audio, item.frames, item.max_new_tokens))
+            batches.append(jobs)
+        outputs = await self._infer(_run_decode_groups, self._whisper, batches, self.settings.decode, self._rules)
+        texts: list[WindowText] = []
+        for group_texts, timing in outputs:
+            self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
+            self._observer.on_batch("decode", timing.size, timing.decode_s)
+            texts.extend(group_texts)
+        now = time.monotonic()
+        results = [(flights[text.key], text.text) for text in texts]
+        for flight, text in sorted(results, key=lambda result: result[0].item.order):
+            self._deliver(flight, text, now)
+
+    def _deliver(self, flight: _InFlight, text: str, now: float) -> None:
+        item = flight.item
+        completion = self._scheduler.complete(item)
+        state = self._streams.get(item.stream_id)
+        if not completion.deliver or state is None:
+            return
+        if item.kind == "partial" and not text:
+            return
+        state.mailbox.put(
+            Transcript(item.kind, item.utterance, text, item.start / SAMPLE_RATE_HZ, item.end / SAMPLE_RATE_HZ)
+        )
+        if flight.due_at is not None:
+            if item.kind == "partial":
+                self._observer.on_partial_latency(now - flight.due_at)
+            else:
+                self._observer.on_final_latency(now - flight.due_at)
+        if completion.stream_ended:
+            self._end_stream(item.stream_id)
+
+    def _end_stream(self, stream_id: str) -> None:
+        state = self._streams.get(stream_id)
+        if state is not None:
+            state.mailbox.put(StreamEnded())
+            self._release(state, keep_events=True)
+
+    def _due_time(self, state: _StreamState, item: DecodeItem) -> float | None:
+        if item.kind == "final" and item.due_position in state.marker_times:
+            return state.marker_times[item.due_position]
+        return state.push_time(item.due_position - 1)
+
+    async def _infer(self, function: Any, *args: Any) -> Any:
+        if self._executor is None:
+            raise RuntimeError("the speech engine is not started")
+        started = time.perf_counter()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+        finally:
+            self._busy_s += time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------------------------------- inference
+
+
+def _run_vad_columns(
+    vad: VadRunner, inputs: Sequence[tuple[VadStreamState, np.ndarray]]
+) -> tuple[list[np.ndarray], list[tuple[int, float]]]:
+    """VAD every stream's frames: one batched call per frame column. States (copies) advance in place."""
+    results = [np.empty(frames.shape[0], dtype=np.float32) for _, frames in inputs]
+    columns: list[tuple[int, float]] = []
+    for column in range(max(frames.shape[0] for _, frames in inputs)):
+        rows = [row for row, (_, frames) in enumerate(inputs) if frames.shape[0] > column]
+        batch = np.stack([inputs[row][1][column] for row in rows])
+        started = time.perf_counter()
+        values = vad.speech_probabilities([inputs[row][0] for row in rows], batch)
+        columns.append((len(rows), time.perf_counter() - started))
+        for position, row in enumerate(rows):
+            results[row][column] = values[position]
+    return results, columns
+
+
+def _run_decode_groups(
+    whisper: WhisperRunner, batches: Sequence[Sequence[WindowJob]], policy: DecodePolicy, rules: DecodingRules
+) -> list[tuple[list[WindowText], GroupTiming]]:
+    return [transcribe_group(whisper, jobs, policy, rules) for jobs in batches]

@@ -1,0 +1,46 @@
+"""What a speech stream tells its consumer, and the per-stream options and engine settings that shape it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class SpeechStarted:
+    """Speech began: ``utterance`` counts from 0 per stream; ``start`` is in seconds from the stream's start and
+    includes a short pre-roll before the detected onset."""
+
+    utterance: int
+    start: float
+
+
+@dataclass(frozen=True)
+class Transcript:
+    """Text of an utterance: a ``partial`` (may still change, may be skipped) or its one ``final``."""
+
+    kind: Literal["partial", "final"]
+    utterance: int
+    text: str  # may be "" for a final whose audio held no words
+    start: float  # seconds from the stream's start
+    end: float  # seconds; the audio the text covers
+
+
+@dataclass(frozen=True)
+class StreamEnded:
+    """The answer to ``end()``: every final has been delivered; no further events."""
+
+
+SpeechEvent = SpeechStarted | Transcript | StreamEnded
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """Per-stream choices of the client."""
+
+    interim_results: bool = True  # send partial transcripts
+    vad_silence_ms: int = 500  # silence that ends an utterance
+
+    def __post_init__(self) -> None:
+        if not 100 <= self.vad_silence_ms <= 10_000:
+            raise ValueError(f"vad_silence_ms must lie in 100..10000, got {self.vad_silence_ms}")

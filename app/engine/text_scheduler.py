@@ -1,0 +1,392 @@
+"""Pure scheduling for the text engine: which tokens of which requests run in the next model step.
+
+One step is one ``runner.step`` call. Every step mixes rows freely (continuous batching):
+
+1. every running request that is decoding contributes its newest token (decode rows are never skipped);
+2. running requests still prefilling get the next chunk of their prompt, oldest first, from what is left of the
+   per-step token budget;
+3. waiting requests are admitted, oldest first, while budget and KV slots last.
+
+The token budget (``token_budget``, at least one token per slot) bounds the work of one step, so a long prompt is
+prefilled over several steps while the other streams keep decoding.
+
+KV slots are a cache of conversations. A conversation keeps its slot between turns; on admission the request reuses
+the longest common prefix of the slot's tokens and its prompt (the slot is truncated to it) and prefills only the
+rest. When a request needs a slot and none is free, the least recently used *idle* conversation (holding a slot
+but no request) loses its slot. Only when every slot is held by a request does a request wait.
+
+Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
+when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
+caller runs the model, samples, and reports back with ``update`` and ``finish``.
+"""
+
+from __future__ import annotations
+
+import enum
+import logging
+from collections import OrderedDict, deque
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from app.engine.conversation import Conversation
+from app.errors import OverloadedError
+
+logger = logging.getLogger(__name__)
+
+
+class SlotPool(Protocol):
+    """The KV-cache slots of a runner (``LlamaRunner`` is one). Called only between steps."""
+
+    def allocate_slot(self) -> int:
+        """A free slot holding no tokens."""
+        ...
+
+    def free_slot(self, slot: int) -> None:
+        """Give the slot back."""
+        ...
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first ``length`` cached tokens of the slot."""
+        ...
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered so that ``status > RUNNING`` means finished."""
+
+    WAITING = 0
+    RUNNING = 1
+    FINISHED_STOPPED = 2
+    FINISHED_LENGTH = 3
+    FINISHED_ABORTED = 4
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.RUNNING
+
+
+@dataclass(eq=False)
+class TextRequest:
+    """Scheduling state of one generation. Tokens ``(prompt_ids + output_ids)[:num_computed]`` are in its slot."""
+
+    request_id: str
+    conversation: Conversation
+    prompt_ids: list[int]
+    status: RequestStatus = RequestStatus.WAITING
+    output_ids: list[int] = field(default_factory=list)
+    num_computed: int = 0  # tokens of prompt + output whose KV is in the slot
+    cached_tokens: int = 0  # prompt tokens reused from the conversation's slot at admission
+    prefilled_tokens: int = 0  # prompt tokens run through the model
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def num_pending(self) -> int:
+        """Known tokens not yet in the KV cache: the rest of the prompt, or the newest sampled token."""
+        return self.num_tokens - self.num_computed
+
+    @property
+    def is_prefilling(self) -> bool:
+        return self.num_computed < len(self.prompt_ids)
+
+    def token_range(self, start: int, stop: int) -> tuple[int, ...]:
+        """Tokens ``start:stop`` of prompt + output, without building the concatenation."""
+        n_prompt = len(self.prompt_ids)
+        if stop <= n_prompt:
+            return tuple(self.prompt_ids[start:stop])
+        if start >= n_prompt:
+            return tuple(self.output_ids[start - n_prompt : stop - n_prompt])
+        return (*self.prompt_ids[start:], *self.output_ids[: stop - n_prompt])
+
+    def computed_ids(self) -> list[int]:
+        """The tokens in the slot."""
+        return list(self.token_range(0, self.num_computed))
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    num_slots: int  # KV-cache slots of the runner
+    token_budget: int  # most tokens (prefill + decode) in one step; at least num_slots so prefill always advances
+    max_waiting: int  # requests that may wait beyond the slots that can take them; more raise OverloadedError
+
+    def __post_init__(self) -> None:
+        if self.num_slots < 1:
+            raise ValueError(f"num_slots should be >= 1, got {self.num_slots}")
+        if self.token_budget < self.num_slots:
+            raise ValueError(
+                f"token_budget ({self.token_budget}) should be at least num_slots ({self.num_slots}), so that "
+                "a step with every other slot decoding still has room for prefill"
+            )
+        if self.max_waiting < 0:
+            raise ValueError(f"max_waiting should be >= 0, got {self.max_waiting}")
+
+
+@dataclass(frozen=True)
+class ScheduledRow:
+    """New tokens for one request's slot in this step."""
+
+    request: TextRequest
+    slot: int
+    start: int  # position of the first of these tokens: how many tokens the slot holds before the step
+    token_ids: tuple[int, ...]
+    samples: bool  # the row reaches the end of the known tokens: sample the request's next token from its logits
+    is_prefill: bool  # the tokens come from the prompt
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    rows: tuple[ScheduledRow, ...]
+    aborted: tuple[TextRequest, ...]  # requests removed by aborts applied before this step
+    evicted: tuple[Conversation, ...]  # idle conversations that lost their slot to admit a request
+
+    @property
+    def prefill_tokens(self) -> int:
+        return sum(len(row.token_ids) for row in self.rows if row.is_prefill)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(len(row.token_ids) for row in self.rows if not row.is_prefill)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(row.token_ids) for row in self.rows)
+
+
+class TextScheduler:
+    """Waiting and running queues, the per-step token budget, and the conversations' KV slots."""
+
+    def __init__(self, slots: SlotPool, config: SchedulerConfig) -> None:
+        self.config = config
+        self._slots = slots
+        self._waiting: deque[TextRequest] = deque()
+        self._running: list[TextRequest] = []
+        self._requests: dict[str, TextRequest] = {}  # waiting + running, by id
+        self._idle: OrderedDict[str, Conversation] = OrderedDict()  # slot holders without a request, LRU first
+        self._slots_in_use = 0
+        self._pending_aborts: list[str] = []
+        self._pending_releases: dict[str, Conversation] = {}
+
+    # -- queries ---------------------------------------------------------------------------------------------------
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self._waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self._running)
+
+    @property
+    def slots_in_use(self) -> int:
+        return self._slots_in_use
+
+    @property
+    def has_pending(self) -> bool:
+        """Aborts or releases wait to be applied."""
+        return bool(self._pending_aborts or self._pending_releases)
+
+    def request(self, request_id: str) -> TextRequest | None:
+        return self._requests.get(request_id)
+
+    def running(self) -> tuple[TextRequest, ...]:
+        return tuple(self._running)
+
+    def waiting(self) -> tuple[TextRequest, ...]:
+        return tuple(self._waiting)
+
+    def idle_conversations(self) -> tuple[Conversation, ...]:
+        """Conversations holding a slot without a request, least recently used first."""
+        return tuple(self._idle.values())
+
+    # -- commands from the engine ----------------------------------------------------------------------------------
+
+    def add(self, request: TextRequest) -> None:
+        """Queue a new request; raises ``OverloadedError`` when the waiting queue is full."""
+        conversation = request.conversation
+        if conversation.active_request_id is not None:
+            raise RuntimeError(
+                f"conversation {conversation.id} already has request {conversation.active_request_id} running"
+            )
+        if request.request_id in self._requests:
+            raise ValueError(f"request id {request.request_id} is already in use")
+        # Requests that a slot will take at the next step (free or idle slots) do not count as waiting.
+        admissible = self.config.num_slots - len(self._running)
+        if len(self._waiting) >= admissible + self.config.max_waiting:
+            raise OverloadedError(
+                f"all {self.config.num_slots} KV slots are generating and {self.config.max_waiting} requests "
+                "already wait; try again later"
+            )
+        conversation.active_request_id = request.request_id
+        self._idle.pop(conversation.id, None)
+        # A release still queued (a reset while a step was in flight) must not drop the new turn's cache; the slot's
+        # tokens stay exact, so reusing their common prefix with the new prompt is still correct.
+        self._pending_releases.pop(conversation.id, None)
+        request.status = RequestStatus.WAITING
+        self._waiting.append(request)
+        self._requests[request.request_id] = request
+
+    def abort(self, request_id: str) -> None:
+        """Queue an abort; it takes effect at the next ``schedule`` or ``apply_pending``. Unknown ids are ignored."""
+        if request_id in self._requests and request_id not in self._pending_aborts:
+            self._pending_aborts.append(request_id)
+
+    def release(self, conversation: Conversation) -> None:
+        """Queue freeing the conversation's slot (and forgetting its tokens) once it has no request."""
+        self._pending_releases[conversation.id] = conversation
+
+    def apply_pending(self) -> list[TextRequest]:
+        """Apply queued aborts and releases now (only while no step is in flight); return the aborted requests."""
+        aborted: list[TextRequest] = []
+        for request_id in self._pending_aborts:
+            request = self._requests.get(request_id)
+            if request is None:
+                continue
+            if request.status is RequestStatus.WAITING:
+                self._waiting.remove(request)
+            else:
+                self._running.remove(request)
+            self._end(request, RequestStatus.FINISHED_ABORTED)
+            aborted.append(request)
+        self._pending_aborts.clear()
+        for conversation_id, conversation in list(self._pending_releases.items()):
+            if conversation.active_request_id is None:
+                del self._pending_releases[conversation_id]
+                self._drop_slot(conversation)
+                conversation.token_ids = []
+        return aborted
+
+    def finish(self, request: TextRequest, status: RequestStatus) -> None:
+        """End a running request after ``update`` (stop or length). Its conversation keeps the slot, now idle."""
+        if not status.is_finished or status is RequestStatus.FINISHED_ABORTED:
+            raise ValueError(f"finish takes FINISHED_STOPPED or FINISHED_LENGTH, got {status.name}")
+        if request.status is not RequestStatus.RUNNING:
+            raise RuntimeError(f"request {request.request_id} is {request.status.name}, not RUNNING")
+        self._running.remove(request)
+        self._end(request, status)
+
+    def schedule(self) -> SchedulerOutput:
+        """Apply pending aborts and releases, then choose this step's rows."""
+        aborted = self.apply_pending()
+        rows: list[ScheduledRow] = []
+        budget = self.config.token_budget
+        # Decode rows first: a stream in progress never waits behind a prompt.
+        for request in self._running:
+            if not request.is_prefilling:
+                rows.append(self._row(request, 1))
+                budget -= 1
+        for request in self._running:
+            if request.is_prefilling and budget > 0:
+                row = self._row(request, min(request.num_pending, budget))
+                rows.append(row)
+                budget -= len(row.token_ids)
+        evicted: list[Conversation] = []
+        for request in list(self._waiting):
+            if budget <= 0:
+                break
+            if not self._admit(request, evicted):
+                continue
+            row = self._row(request, min(request.num_pending, budget))
+            rows.append(row)
+            budget -= len(row.token_ids)
+        return SchedulerOutput(tuple(rows), tuple(aborted), tuple(evicted))
+
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[TextRequest]:
+        """Record a finished step: the rows' tokens are now cached; ``sampled`` has the next token of every row
+        with ``samples``. Returns the requests that got a new token, in row order."""
+        grown: list[TextRequest] = []
+        for row in output.rows:
+            request = row.request
+            if request.status is not RequestStatus.RUNNING:
+                raise RuntimeError(f"request {request.request_id} is {request.status.name} after its step")
+            request.num_computed += len(row.token_ids)
+            if row.is_prefill:
+                request.prefilled_tokens += len(row.token_ids)
+            if row.samples:
+                request.output_ids.append(sampled[request.request_id])
+                grown.append(request)
+        return grown
+
+    def drop_all(self) -> None:
+        """Forget every request and free every slot (engine shutdown or crash); conversations keep their tokens."""
+        for request in [*self._running, *self._waiting]:
+            request.status = RequestStatus.FINISHED_ABORTED
+            request.conversation.active_request_id = None
+            self._drop_slot(request.conversation)
+        for conversation in list(self._idle.values()):
+            self._drop_slot(conversation)
+        for conversation in self._pending_releases.values():
+            self._drop_slot(conversation)
+        self._running.clear()
+        self._waiting.clear()
+        self._requests.clear()
+        self._pending_aborts.clear()
+        self._pending_releases.clear()
+
+    # -- internals -------------------------------------------------------------------------------------------------
+
+    def _row(self, request: TextRequest, n_tokens: int) -> ScheduledRow:
+        start = request.num_computed
+        slot = request.conversation.slot
+        assert slot is not None, f"running request {request.request_id} has no slot"
+        return ScheduledRow(
+            request=request,
+            slot=slot,
+            start=start,
+            token_ids=request.token_range(start, start + n_tokens),
+            samples=start + n_tokens == request.num_tokens,
+            is_prefill=start < len(request.prompt_ids),
+        )
+
+    def _admit(self, request: TextRequest, evicted: list[Conversation]) -> bool:
+        """Give the request its conversation's slot (reusing the cached prefix), a free slot, or an evicted one."""
+        conversation = request.conversation
+        if conversation.slot is not None:
+            reuse = conversation.reusable_prefix(request.prompt_ids)
+            if reuse < len(conversation.token_ids):
+                self._slots.truncate(conversation.slot, reuse)
+                del conversation.token_ids[reuse:]
+        else:
+            if self._slots_in_use >= self.config.num_slots:
+                if not self._idle:
+                    return False
+                _, victim = self._idle.popitem(last=False)
+                logger.debug("evicting idle %s to admit %s", victim.id, request.request_id)
+                self._drop_slot(victim)
+                evicted.append(victim)
+            conversation.slot = self._slots.allocate_slot()
+            conversation.token_ids = []
+            self._slots_in_use += 1
+            reuse = 0
+        request.cached_tokens = reuse
+        request.num_computed = reuse
+        request.status = RequestStatus.RUNNING
+        self._waiting.remove(request)
+        self._running.append(request)
+        return True
+
+    def _end(self, request: TextRequest, status: RequestStatus) -> None:
+        conversation = request.conversation
+        was_running = request.status is RequestStatus.RUNNING
+        request.status = status
+        del self._requests[request.request_id]
+        conversation.active_request_id = None
+        if was_running:
+            conversation.token_ids = request.computed_ids()
+        if conversation.slot is None:
+            return
+        if conversation.ephemeral or conversation.closed:
+            self._drop_slot(conversation)
+        elif conversation.id not in self._pending_releases:
+            self._idle[conversation.id] = conversation
+            self._idle.move_to_end(conversation.id)
+
+    def _drop_slot(self, conversation: Conversation) -> None:
+        """Free the conversation's slot; its token ids stay (they describe its last turn)."""
+        self._idle.pop(conversation.id, None)
+        if conversation.slot is None:
+            return
+        self._slots.free_slot(conversation.slot)
+        conversation.slot = None
+        self._slots_in_use -= 1

@@ -1,0 +1,73 @@
+"""`create_app(settings)`: the Starlette application. The only place that wires routes, state and lifespan."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.routing import Mount, Route, WebSocketRoute
+from starlette.staticfiles import StaticFiles
+
+from app.config import Settings
+from app.errors import BrookError
+from app.repository import ModelRepository
+from app.server import http_api
+from app.server.metrics import Metrics
+from app.server.registry import ModelRegistry
+from app.server.state import ServerState
+from app.server.ws_chat import chat_endpoint
+from app.server.ws_listen import listen_endpoint
+from app.server.ws_session import drain_connections
+
+logger = logging.getLogger(__name__)
+WEB_DIR = Path(__file__).resolve().parent.parent / "web"
+
+
+async def _load_models(state: ServerState) -> None:
+    for name in state.settings.models:
+        try:
+            await state.registry.load(name)
+        except BrookError as exc:
+            logger.error("could not load %s: %s", name, exc)
+    described = state.registry.describe()
+    for model in described:
+        if model["loaded"]:
+            versions = ", ".join(f"v{v['version']} {v['state']} (weight {v['weight']:g})" for v in model["versions"])
+            logger.info("model %s [%s]: %s", model["name"], model["task"], versions)
+
+
+def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> Starlette:
+    metrics = Metrics()
+    repository = ModelRepository(settings.model_dir)
+    state = ServerState(settings, metrics, registry or ModelRegistry(repository, settings, metrics))
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        loader = asyncio.create_task(_load_models(state), name="brook-load-models")
+        try:
+            yield
+        finally:
+            await drain_connections(state, settings.shutdown_grace_s)
+            loader.cancel()
+            await asyncio.gather(loader, return_exceptions=True)
+            await state.registry.shutdown()
+
+    routes = [
+        Route("/healthz", http_api.healthz),
+        Route("/readyz", http_api.readyz),
+        Route("/metrics", http_api.metrics),
+        Route("/v1/models", http_api.list_models),
+        Route("/v1/models/{name}/load", http_api.load_model, methods=["POST"]),
+        Route("/v1/models/{name}/unload", http_api.unload_model, methods=["POST"]),
+        WebSocketRoute("/v1/listen", listen_endpoint),
+        WebSocketRoute("/v1/chat", chat_endpoint),
+    ]
+    if WEB_DIR.is_dir():
+        routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))
+    app = Starlette(routes=routes, lifespan=lifespan)
+    app.state.brook = state
+    return app

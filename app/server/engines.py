@@ -1,0 +1,73 @@
+"""Build, warm up and shut down the engine of one model version (the only place that knows every task)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from app.config import Settings
+from app.repository import LoadedVersion, ModelRepository
+from app.server.metrics import Metrics, SpeechMetricsObserver, TextMetricsObserver
+
+logger = logging.getLogger(__name__)
+
+
+class Engine(Protocol):
+    async def start(self) -> None: ...
+    async def shutdown(self) -> None: ...
+
+
+@dataclass
+class BuiltEngine:
+    engine: Any  # SpeechEngine | TextEngine | None (VAD models are used by speech engines, not served alone)
+    info: dict[str, Any]  # task-specific facts for `ready` messages and /v1/models (e.g. context_length)
+
+
+def build_engine(loaded: LoadedVersion, repository: ModelRepository, settings: Settings,
+                 metrics: Metrics) -> BuiltEngine:
+    """Create the runner(s) and engine for `loaded`. Blocking (creates onnxruntime sessions): call off the loop."""
+    task = loaded.spec.task
+    if task == "speech-to-text":
+        return _build_speech(loaded, repository, settings, metrics)
+    if task == "text-generation":
+        return _build_text(loaded, settings, metrics)
+    return BuiltEngine(engine=None, info={})
+
+
+def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: Settings,
+                  metrics: Metrics) -> BuiltEngine:
+    from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings
+    from app.speech.vad import VadRunner
+    from app.speech.whisper_runner import WhisperRunner
+
+    whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=settings.speech_threads)
+    vad_model = repository.load(settings.vad_model)
+    vad = VadRunner(vad_model.directory, vad_model.manifest.config)
+    engine_settings = SpeechEngineSettings(max_utterance_s=settings.max_utterance_s)
+    observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
+    engine = SpeechEngine(whisper, vad, engine_settings, observer)
+    _warm_up_speech(whisper, vad)
+    return BuiltEngine(engine=engine, info={"sample_rate": 16000})
+
+
+def _warm_up_speech(whisper: Any, vad: Any) -> None:
+    """One tiny call through each graph so the first real request does not pay session initialisation."""
+    import numpy as np
+
+    from app.speech.features import log_mel_spectrogram
+
+    mel = log_mel_spectrogram(np.zeros(16000, dtype=np.float32))[None, :, :100]
+    encoded = whisper.encode(mel)
+    whisper.decode(encoded, [[int(whisper.config["sot"]), int(whisper.config["no_timestamps"])]], max_new_tokens=2)
+    vad.speech_probabilities([vad.new_stream()], np.zeros((1, vad.config.frame_samples), dtype=np.float32))
+
+
+def _build_text(loaded: LoadedVersion, settings: Settings, metrics: Metrics) -> BuiltEngine:
+    from app.engine.text_engine import TextEngine, TextEngineSettings
+
+    engine = TextEngine.from_directory(
+        loaded.directory, loaded.manifest.config, TextEngineSettings(intra_op_threads=settings.chat_threads),
+        TextMetricsObserver(metrics, loaded.name, loaded.version),
+    )
+    return BuiltEngine(engine=engine, info={"context_length": engine.context_length})

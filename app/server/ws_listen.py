@@ -1,0 +1,128 @@
+"""`WS /v1/listen`: live speech-to-text. Binary frames of raw audio in; speech_started/partial/final out."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+
+import numpy as np
+import soxr
+from starlette.websockets import WebSocket
+
+from app.audio import MODEL_SAMPLE_RATE_HZ, decode_pcm
+from app.engine.speech_engine import SpeechStream
+from app.engine.speech_events import SpeechStarted, StreamEnded, StreamOptions, Transcript
+from app.errors import ProtocolError
+from app.protocol import (
+    ListenParams,
+    parse_listen_message,
+    parse_listen_params,
+    speech_started_message,
+    transcript_message,
+)
+from app.server.state import ServerState
+from app.server.ws_session import (
+    Connection,
+    admitted,
+    close_normally,
+    run_reader_writer,
+    run_translating_errors,
+)
+
+logger = logging.getLogger(__name__)
+ENDPOINT = "listen"
+
+
+class AudioInput:
+    """Decodes a session's binary frames and resamples them, as a stream, to the model rate."""
+
+    def __init__(self, sample_rate: int, encoding: str) -> None:
+        self.encoding = encoding
+        self._resampler = (
+            None if sample_rate == MODEL_SAMPLE_RATE_HZ
+            else soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
+        )
+
+    def decode(self, frame: bytes) -> np.ndarray:
+        samples = decode_pcm(frame, self.encoding)
+        if self._resampler is None:
+            return samples
+        out: np.ndarray = self._resampler.resample_chunk(samples)
+        return out
+
+    def flush(self) -> np.ndarray:
+        if self._resampler is None:
+            return np.zeros(0, dtype=np.float32)
+        out: np.ndarray = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
+        return out
+
+
+async def listen_endpoint(websocket: WebSocket) -> None:
+    state: ServerState = websocket.app.state.brook
+    async with admitted(websocket, ENDPOINT, state.settings.max_listen_sessions) as connection:
+        if connection is not None:
+            await run_translating_errors(connection, lambda: _session(connection))
+
+
+async def _session(connection: Connection) -> None:
+    state = connection.state
+    params = parse_listen_params(dict(connection.websocket.query_params), default_model=state.settings.speech_model)
+    served = state.registry.assign(params.model, params.version, task="speech-to-text")
+    stream = served.engine.open_stream(
+        StreamOptions(interim_results=params.interim_results, vad_silence_ms=params.vad_silence_ms)
+    )
+    labels = (ENDPOINT, served.name, str(served.version))
+    state.metrics.sessions.labels(*labels).inc()
+    state.metrics.sessions_total.labels(*labels).inc()
+    session_id = uuid.uuid4().hex
+    connection.on_shutdown = stream.end
+    try:
+        await connection.send({
+            "type": "ready", "session_id": session_id, "model": served.name, "version": served.version,
+            "sample_rate": params.sample_rate, "encoding": params.encoding,
+            "interim_results": params.interim_results, "vad_silence_ms": params.vad_silence_ms,
+        })
+        logger.debug("listen session %s on %s v%d", session_id, served.name, served.version)
+        await run_reader_writer(_read(connection, stream, params, served.name, served.version),
+                                _write(connection, stream))
+    finally:
+        stream.close()
+        state.metrics.sessions.labels(*labels).dec()
+
+
+async def _read(connection: Connection, stream: SpeechStream, params: ListenParams, model: str, version: int) -> None:
+    audio_input = AudioInput(params.sample_rate, params.encoding)
+    audio_seconds = connection.state.metrics.audio_seconds.labels(model, str(version))
+    while True:
+        frame = await connection.receive()
+        if frame.data is not None:
+            samples = audio_input.decode(frame.data)
+            audio_seconds.inc(len(samples) / MODEL_SAMPLE_RATE_HZ)
+            await stream.push_audio(samples)
+            continue
+        try:
+            control = parse_listen_message(frame.text or "")
+        except ProtocolError as exc:
+            await connection.send_error(exc.code, exc.message)  # recoverable: the session goes on
+            continue
+        if control.type == "finalize":
+            stream.finalize()
+        elif control.type == "end":
+            tail = audio_input.flush()
+            if len(tail):
+                await stream.push_audio(tail)
+            stream.end()
+            return
+
+
+async def _write(connection: Connection, stream: SpeechStream) -> None:
+    while True:
+        event = await stream.next_event()
+        if isinstance(event, SpeechStarted):
+            await connection.send(speech_started_message(event.utterance, event.start))
+        elif isinstance(event, Transcript):
+            await connection.send(transcript_message(event.kind, event.utterance, event.text, event.start, event.end))
+        elif isinstance(event, StreamEnded):
+            await connection.send({"type": "end"})
+            await close_normally(connection, "end")
+            return

@@ -1,0 +1,142 @@
+"""Preallocated KV-cache buffers for GroupQueryAttention's shared-buffer mode, and the slots that index them.
+
+Every layer has one key and one value buffer of shape ``[max_batch_size, n_kv_heads, max_seq_len, head_dim]``
+(float32, BNSH). Slot ``s`` owns row ``s`` of every buffer for as long as it is allocated. onnxruntime writes new
+keys and values into those rows in place (the same memory is bound as ``past_*`` input and ``present_*`` output),
+so nothing is copied or concatenated in Python between steps.
+
+Memory: each buffer is an anonymous ``mmap`` (zero-filled, mapped lazily by the kernel) advised against transparent
+huge pages, so a slot only makes resident the 4 KiB pages its tokens have touched (16 tokens of one head at head_dim
+64). numpy's own large allocations ask for huge pages, and with 2 MiB pages the first token of every slot would make
+most of the buffer resident. Freeing or truncating a slot only changes its length: its pages stay resident and are
+overwritten by the next owner.
+"""
+
+from __future__ import annotations
+
+import logging
+import mmap
+from dataclasses import dataclass
+
+import numpy as np
+
+from app.errors import BrookError
+
+logger = logging.getLogger(__name__)
+
+KV_DTYPE = np.float32
+
+
+class SlotError(BrookError):
+    """A slot id is out of range, not allocated, or no slot is free."""
+
+
+class KVCapacityError(BrookError):
+    """A sequence would grow past the cache's ``max_seq_len``."""
+
+
+@dataclass(frozen=True)
+class KVCacheLayout:
+    """Dimensions of the per-layer KV buffers."""
+
+    n_layers: int  # transformer blocks (one key and one value buffer each)
+    n_kv_heads: int  # key/value heads
+    head_dim: int  # width of one head
+    max_batch_size: int  # slots
+    max_seq_len: int  # tokens a slot can hold
+
+    @property
+    def buffer_shape(self) -> tuple[int, int, int, int]:
+        return (self.max_batch_size, self.n_kv_heads, self.max_seq_len, self.head_dim)
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one cached token takes across all layers."""
+        return self.n_layers * 2 * self.n_kv_heads * self.head_dim * np.dtype(KV_DTYPE).itemsize
+
+    @property
+    def bytes_per_slot(self) -> int:
+        """Address space one slot reserves (only touched pages become resident)."""
+        return self.bytes_per_token * self.max_seq_len
+
+
+class KVCache:
+    """The KV buffers, each slot's cached length, and which slots are allocated. Not thread-safe."""
+
+    def __init__(self, layout: KVCacheLayout) -> None:
+        self.layout = layout
+        self._maps: list[mmap.mmap] = []
+        self.keys = [self._lazy_zeros(layout.buffer_shape) for _ in range(layout.n_layers)]
+        self.values = [self._lazy_zeros(layout.buffer_shape) for _ in range(layout.n_layers)]
+        self._lengths = np.zeros(layout.max_batch_size, np.int64)
+        self._allocated = np.zeros(layout.max_batch_size, bool)
+        self._slot_bytes = int(self.keys[0][0].nbytes)
+        logger.info(
+            "KV cache: %d slots x %d tokens, %.0f MiB address space",
+            layout.max_batch_size,
+            layout.max_seq_len,
+            layout.bytes_per_slot * layout.max_batch_size / 2**20,
+        )
+
+    def _lazy_zeros(self, shape: tuple[int, ...]) -> np.ndarray:
+        """A zeroed float32 array whose pages the kernel maps on first write, in 4 KiB pages."""
+        n_bytes = int(np.prod(shape)) * np.dtype(KV_DTYPE).itemsize
+        region = mmap.mmap(-1, n_bytes)
+        if hasattr(mmap, "MADV_NOHUGEPAGE"):
+            region.madvise(mmap.MADV_NOHUGEPAGE)
+        self._maps.append(region)
+        return np.frombuffer(region, KV_DTYPE).reshape(shape)
+
+    def allocate(self) -> int:
+        """The lowest free slot, now allocated with length 0 (low slots keep the bound row ranges short)."""
+        free = np.flatnonzero(~self._allocated)
+        if free.size == 0:
+            raise SlotError(f"all {self.layout.max_batch_size} KV-cache slots are in use")
+        slot = int(free[0])
+        self._allocated[slot] = True
+        self._lengths[slot] = 0
+        return slot
+
+    def free(self, slot: int) -> None:
+        """Give the slot back; its rows are left as they are."""
+        self.check_allocated(slot)
+        self._allocated[slot] = False
+        self._lengths[slot] = 0
+
+    def length(self, slot: int) -> int:
+        """Tokens cached in the slot."""
+        self.check_allocated(slot)
+        return int(self._lengths[slot])
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Keep only the first ``length`` cached tokens (for reusing a conversation's prefix)."""
+        current = self.length(slot)
+        if not 0 <= length <= current:
+            raise ValueError(f"truncate length must be in [0, {current}] for slot {slot}, got {length}")
+        self._lengths[slot] = length
+
+    def advance(self, slot: int, n_tokens: int) -> None:
+        """Record that ``n_tokens`` more tokens were written into the slot."""
+        self._lengths[slot] += n_tokens
+
+    def check_allocated(self, slot: int) -> None:
+        if not 0 <= slot < self.layout.max_batch_size:
+            raise SlotError(f"slot must be in [0, {self.layout.max_batch_size}), got {slot}")
+        if not self._allocated[slot]:
+            raise SlotError(f"slot {slot} is not allocated")
+
+    def check_room(self, slot: int, n_new: int) -> None:
+        """Raise ``KVCapacityError`` if ``n_new`` more tokens do not fit in the slot."""
+        total = self.length(slot) + n_new
+        if total > self.layout.max_seq_len:
+            raise KVCapacityError(
+                f"slot {slot} would hold {total} tokens; the KV cache holds at most {self.layout.max_seq_len}"
+            )
+
+    def lengths(self, first_slot: int, end_slot: int) -> np.ndarray:
+        """Cached lengths of slots ``[first_slot, end_slot)`` (free slots count as 0)."""
+        return self._lengths[first_slot:end_slot].copy()
+
+    def row_pointer(self, buffer: np.ndarray, first_slot: int) -> int:
+        """Address of slot ``first_slot``'s row in ``buffer``: rows of consecutive slots are contiguous."""
+        return int(buffer.ctypes.data) + first_slot * self._slot_bytes

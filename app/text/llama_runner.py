@@ -1,0 +1,270 @@
+"""Run a converted Llama-family ONNX graph over a batch of sequences that share one preallocated KV cache.
+
+The server calls ``step`` once per scheduling step with any mix of prefill rows (many new tokens) and decode rows
+(one token), each naming the KV-cache slot of its sequence. GroupQueryAttention reads and writes the cache in place
+("shared buffer" mode: ``past_*`` and ``present_*`` are bound to the same memory) and ``query_seqlens`` lets each
+row of the call add a different number of tokens (right padding), so rows of different lengths run together.
+
+GroupQueryAttention takes the cache rows of the batch as one ``[B, ...]`` tensor, so a call covers a *contiguous*
+range of slots ``[first_slot, end_slot)``: we bind a pointer into the middle of each layer's buffer, no copy. Slots
+inside the range that have nothing to do this step ride along as idle rows (``query_seqlens = 0``): their cache
+is untouched, and they cost only their padding in the attention input. ``plan_calls`` splits a step into calls so
+that padding stays small (for example a long prompt and many decode rows run as two calls).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import onnxruntime as ort
+
+from app.ort_session import create_session
+from app.text.kv_cache import KVCache, KVCacheLayout, SlotError
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_CHUNK_TOKENS: Final = 512  # longer prompts are prefilled in chunks of this many tokens
+PAD_BUDGET_FACTOR: Final = 2  # a call may hold at most this many padded positions per real token ...
+PAD_BUDGET_SLACK: Final = 32  # ... plus this many
+MAX_CACHED_BINDINGS: Final = 64  # IO bindings kept, one per slot range
+
+
+@dataclass(frozen=True)
+class StepInput:
+    """New tokens for the sequence in ``slot``: a whole prompt, a prompt chunk, or one generated token."""
+
+    slot: int
+    token_ids: Sequence[int]
+
+
+@dataclass(frozen=True)
+class CallPlan:
+    """One session run over slots ``[first_slot, end_slot)``, padding every row's new tokens to ``chunk``."""
+
+    first_slot: int
+    end_slot: int
+    chunk: int
+    rows: tuple[int, ...]  # indices into the step's rows, in slot order
+
+
+def _call_is_acceptable(
+    rows: Sequence[int], slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, capacity: int
+) -> bool:
+    """Whether one call may run these rows: every slot in range has room for the padded chunk, padding is small."""
+    first, end = slots[rows[0]], slots[rows[-1]] + 1
+    chunk = max(n_new[r] for r in rows)
+    tokens = sum(n_new[r] for r in rows)
+    past = np.maximum(lengths[first:end], 1)  # an idle empty slot is run as holding one (ignored) token
+    for r in rows:
+        past[slots[r] - first] = lengths[slots[r]]
+    padded = (end - first) * chunk
+    return bool(np.all(past + chunk <= capacity)) and padded <= PAD_BUDGET_FACTOR * tokens + PAD_BUDGET_SLACK
+
+
+def _greedy_groups(
+    rows: Sequence[int], slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, capacity: int
+) -> list[list[int]]:
+    groups: list[list[int]] = []
+    current: list[int] = []
+    for row in rows:
+        if current and not _call_is_acceptable([*current, row], slots, n_new, lengths, capacity):
+            groups.append(current)
+            current = [row]
+        else:
+            current.append(row)
+    if current:
+        groups.append(current)
+    return groups
+
+
+def plan_calls(slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, capacity: int) -> list[CallPlan]:
+    """Split a step's rows into session calls.
+
+    ``slots[i]`` and ``n_new[i]`` describe row ``i``; ``lengths`` holds every slot's cached length before the step
+    and ``capacity`` the cache's ``max_seq_len``. Each row's ``lengths[slot] + n_new`` must already fit. The whole
+    step runs as one call when that is cheap; otherwise decode rows and multi-token rows form separate groups of
+    neighbouring slots.
+    """
+    order = sorted(range(len(slots)), key=lambda r: slots[r])
+    if not order:
+        return []
+    if _call_is_acceptable(order, slots, n_new, lengths, capacity):
+        groups = [order]
+    else:
+        decode = [r for r in order if n_new[r] == 1]
+        prefill = [r for r in order if n_new[r] > 1]
+        groups = _greedy_groups(decode, slots, n_new, lengths, capacity)
+        groups += _greedy_groups(prefill, slots, n_new, lengths, capacity)
+    return [CallPlan(slots[g[0]], slots[g[-1]] + 1, max(n_new[r] for r in g), tuple(g)) for g in groups]
+
+
+class LlamaRunner:
+    """Batched, KV-cached next-token logits for a model written by ``app.convert.llama``. Not thread-safe.
+
+    Slots: ``allocate_slot`` hands out a KV-cache slot (length 0) for a sequence; ``step`` appends tokens to slots
+    and returns each row's last-position logits; ``truncate`` rolls a slot back to a prefix it already holds (to
+    reuse a conversation's cached prompt); ``free_slot`` returns it. A slot's KV rows belong to it until freed.
+    """
+
+    def __init__(
+        self,
+        model_dir: Path,
+        config: Mapping[str, Any],
+        *,
+        intra_op_threads: int = 2,
+        max_batch_size: int = 32,
+        max_seq_len: int | None = None,
+        max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+    ) -> None:
+        max_seq_len = int(config["max_seq_len"]) if max_seq_len is None else max_seq_len
+        if not 0 < max_seq_len <= int(config["context_length"]):
+            raise ValueError(f"max_seq_len must be in [1, {config['context_length']}], got {max_seq_len}")
+        self.n_layers = int(config["n_layers"])
+        self.vocab_size = int(config["vocab_size"])
+        self.max_chunk_tokens = max_chunk_tokens
+        self.cache = KVCache(
+            KVCacheLayout(
+                self.n_layers, int(config["n_kv_heads"]), int(config["head_dim"]), max_batch_size, max_seq_len
+            )
+        )
+        self.session: ort.InferenceSession = create_session(model_dir / str(config["model_file"]), intra_op_threads)
+        self._check_session()
+        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self._logits = np.empty((max_batch_size, self.vocab_size), np.float32)  # written by the session in place
+
+    def _check_session(self) -> None:
+        inputs = {i.name for i in self.session.get_inputs()}
+        expected = {
+            "input_ids",
+            "chunk_index",
+            "packed_index",
+            "logit_index",
+            "seqlens_k",
+            "query_lens",
+            "total_sequence_length",
+        }
+        expected |= {f"past_{kind}.{layer}" for kind in ("key", "value") for layer in range(self.n_layers)}
+        if inputs != expected:
+            raise ValueError(
+                f"model inputs differ from the runner's: missing {sorted(expected - inputs)}, "
+                f"unexpected {sorted(inputs - expected)}"
+            )
+
+    def _binding(self, first_slot: int, end_slot: int) -> ort.IOBinding:
+        """An IO binding with the KV rows of slots ``[first_slot, end_slot)`` bound, cached per range.
+
+        ``past_*`` and ``present_*`` are bound to the same memory, which puts GroupQueryAttention in shared-buffer
+        mode: it appends the new keys and values in place. Callers bind the per-call inputs and ``logits`` before
+        each run.
+        """
+        binding = self._bindings.get((first_slot, end_slot))
+        if binding is not None:
+            return binding
+        if len(self._bindings) >= MAX_CACHED_BINDINGS:
+            self._bindings.clear()
+        binding = self.session.io_binding()
+        shape = [end_slot - first_slot, *self.cache.layout.buffer_shape[1:]]
+        for layer in range(self.n_layers):
+            for kind, buffers in (("key", self.cache.keys), ("value", self.cache.values)):
+                pointer = self.cache.row_pointer(buffers[layer], first_slot)
+                binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, pointer)
+                binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, pointer)
+        self._bindings[(first_slot, end_slot)] = binding
+        return binding
+
+    # -- slots ---------------------------------------------------------------------------------------------------
+
+    def allocate_slot(self) -> int:
+        """A free KV-cache slot with nothing cached; raises ``SlotError`` when all are in use."""
+        return self.cache.allocate()
+
+    def free_slot(self, slot: int) -> None:
+        self.cache.free(slot)
+
+    def slot_length(self, slot: int) -> int:
+        """Tokens cached in the slot (the position of its next token)."""
+        return self.cache.length(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        """Forget every cached token after the first ``length``."""
+        self.cache.truncate(slot, length)
+
+    # -- stepping ------------------------------------------------------------------------------------------------
+
+    def step(self, batch: Sequence[StepInput]) -> np.ndarray:
+        """Append each row's tokens to its slot; return float32 logits ``[len(batch), vocab]`` of each last token.
+
+        All rows are checked before anything runs (allocated, distinct slots, at least one token, room left), so a
+        rejected step leaves the cache unchanged.
+        """
+        slots = [row.slot for row in batch]
+        if len(set(slots)) != len(slots):
+            raise SlotError(f"a step may name each slot once, got slots {slots}")
+        tokens = [np.asarray(row.token_ids, np.int64) for row in batch]
+        for slot, ids in zip(slots, tokens, strict=True):
+            if ids.ndim != 1 or ids.size == 0:
+                raise ValueError(f"slot {slot}: expected a non-empty list of token ids, got shape {ids.shape}")
+            if ids.min() < 0 or ids.max() >= self.vocab_size:
+                raise ValueError(f"slot {slot}: token ids must be in [0, {self.vocab_size})")
+            self.cache.check_room(slot, ids.size)
+        # Prefill long prompts chunk by chunk; only the last chunk's logits are needed.
+        for i, slot in enumerate(slots):
+            while tokens[i].size > self.max_chunk_tokens:
+                self._run(
+                    [slot],
+                    [tokens[i][: self.max_chunk_tokens]],
+                    [0],
+                    CallPlan(slot, slot + 1, self.max_chunk_tokens, (0,)),
+                )
+                tokens[i] = tokens[i][self.max_chunk_tokens :]
+        logits = np.empty((len(batch), self.vocab_size), np.float32)
+        n_new = [ids.size for ids in tokens]
+        lengths = self.cache.lengths(0, self.cache.layout.max_batch_size)
+        for plan in plan_calls(slots, n_new, lengths, self.cache.layout.max_seq_len):
+            logits[list(plan.rows)] = self._run(slots, tokens, list(plan.rows), plan)
+        return logits
+
+    def _run(self, slots: Sequence[int], tokens: Sequence[np.ndarray], rows: list[int], plan: CallPlan) -> np.ndarray:
+        """One session call; advances the slots and returns logits [len(rows), vocab] in ``rows`` order.
+
+        The logits are a view of a buffer that the next call overwrites.
+        """
+        batch = plan.end_slot - plan.first_slot
+        chunk = plan.chunk
+        lengths = self.cache.lengths(plan.first_slot, plan.end_slot)
+        query_lens = np.zeros(batch, np.int32)
+        chunk_index = np.zeros((batch, chunk), np.int64)  # padding points at token 0; GQA ignores it
+        packed_index = np.empty(sum(tokens[r].size for r in rows), np.int64)
+        logit_index = np.empty(len(rows), np.int64)
+        offset = 0
+        for i, r in enumerate(rows):
+            b, n = slots[r] - plan.first_slot, tokens[r].size
+            query_lens[b] = n
+            chunk_index[b, :n] = np.arange(offset, offset + n)
+            packed_index[offset : offset + n] = b * chunk + np.arange(n)
+            logit_index[i] = offset + n - 1
+            offset += n
+        seqlens_k = (np.maximum(lengths + query_lens, 1) - 1).astype(np.int32)
+        feeds = {
+            "input_ids": np.concatenate([tokens[r] for r in rows]),
+            "chunk_index": chunk_index,
+            "packed_index": packed_index,
+            "logit_index": logit_index,
+            "seqlens_k": seqlens_k,
+            "query_lens": query_lens,
+            "total_sequence_length": np.array(int(seqlens_k.max()) + 1, np.int32),
+        }
+        binding = self._binding(plan.first_slot, plan.end_slot)
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, value)
+        logits = self._logits[: len(rows)]
+        binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
+        self.session.run_with_iobinding(binding)
+        for r in rows:
+            self.cache.advance(slots[r], tokens[r].size)
+        return logits

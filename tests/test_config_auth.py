@@ -1,0 +1,48 @@
+"""Settings from the environment, API keys (header or ?token=) and the Origin allow-list."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.config import Settings, settings_from_env
+from app.server.auth import is_authorized, is_origin_allowed
+
+
+def test_settings_from_env_converts_types() -> None:
+    settings = settings_from_env({"BROOK_PORT": "9001", "BROOK_API_KEYS": "a, b,", "BROOK_IDLE_TIMEOUT_S": "2.5",
+                                  "BROOK_MODEL_DIR": "/srv/models", "BROOK_MODELS": "whisper-tiny-en"})
+    assert settings.port == 9001 and settings.api_keys == ("a", "b") and settings.idle_timeout_s == 2.5
+    assert settings.model_dir == Path("/srv/models") and settings.models == ("whisper-tiny-en",)
+
+
+def test_settings_errors_name_the_variable() -> None:
+    with pytest.raises(ValueError, match="BROOK_PORT must be int, got 'eighty'"):
+        settings_from_env({"BROOK_PORT": "eighty"})
+    with pytest.raises(ValueError, match="unknown settings: colour"):
+        Settings().with_overrides({"colour": "blue"})
+
+
+def test_overrides_ignore_unset_values() -> None:
+    assert Settings().with_overrides({"port": None, "host": "0.0.0.0"}).port == 8000
+
+
+def test_auth_accepts_bearer_or_token_and_nothing_else() -> None:
+    keys = ("s3cret",)
+    assert is_authorized((), {}, {})
+    assert is_authorized(keys, {"authorization": "Bearer s3cret"}, {})
+    assert is_authorized(keys, {"authorization": "bearer s3cret"}, {})
+    assert is_authorized(keys, {}, {"token": "s3cret"})
+    assert not is_authorized(keys, {}, {})
+    assert not is_authorized(keys, {"authorization": "Bearer wrong"}, {})
+    assert not is_authorized(keys, {"authorization": "Basic s3cret"}, {})
+    assert not is_authorized(keys, {}, {"token": ""})
+
+
+def test_origin_allow_list() -> None:
+    allowed = ("https://app.example",)
+    assert is_origin_allowed((), {"origin": "https://evil.example"})
+    assert is_origin_allowed(allowed, {"origin": "https://app.example"})
+    assert is_origin_allowed(allowed, {})  # not a browser
+    assert not is_origin_allowed(allowed, {"origin": "https://evil.example"})

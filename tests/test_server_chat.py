@@ -1,0 +1,107 @@
+"""`WS /v1/chat` against a real `brook serve`: streaming, KV reuse across turns, cancel, reset, raw generate."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+
+from websockets.asyncio.client import connect
+
+from tests.server_process import RunningServer
+from tests.ws_clients import read_reply
+
+GREEDY = {"temperature": 0, "max_tokens": 48}
+
+
+def test_reply_streams_and_follow_up_reuses_the_cache(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            ready = json.loads(await ws.recv())
+            assert ready["type"] == "ready" and ready["model"] == "smollm2-135m-instruct"
+            assert ready["context_length"] >= 2048
+            await ws.send(json.dumps({"type": "chat", "messages": [
+                {"role": "user", "content": "What is the capital of France?"}], **GREEDY}))
+            first = await read_reply(ws)
+            assert len(first.tokens) >= 3, "the reply streams as several token messages"
+            assert "Paris" in first.text
+            assert first.done["finish_reason"] == "stop"
+            assert first.done["usage"]["cached_tokens"] == 0
+            assert first.done["usage"]["completion_tokens"] >= len(first.tokens)
+            assert first.done["timings"]["ttft_ms"] > 0
+
+            await ws.send(json.dumps({"type": "chat", "messages": [
+                {"role": "user", "content": "And what is the capital of Italy?"}], **GREEDY}))
+            second = await read_reply(ws)
+            usage, timings = second.done["usage"], second.done["timings"]
+            assert usage["cached_tokens"] > first.done["usage"]["prompt_tokens"] // 2
+            assert timings["prefill_tokens"] == usage["prompt_tokens"] - usage["cached_tokens"]
+            assert timings["prefill_tokens"] < 40, "a follow-up turn prefills only its new tokens"
+            assert "Rome" in second.text
+
+    asyncio.run(scenario())
+
+
+def test_cancel_mid_reply_keeps_the_socket_open(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "chat", "messages": [
+                {"role": "user", "content": "Write a long story about a dragon."}], "temperature": 0,
+                "max_tokens": 400}))
+            tokens = 0
+            while tokens < 3:
+                message = json.loads(await ws.recv())
+                tokens += message["type"] == "token"
+            await ws.send(json.dumps({"type": "cancel"}))
+            while (message := json.loads(await ws.recv()))["type"] == "token":
+                tokens += 1
+            assert message["type"] == "done" and message["finish_reason"] == "cancelled"
+            assert message["usage"]["completion_tokens"] < 400
+            # The socket stays usable after a cancel.
+            await ws.send(json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Say hi."}],
+                                      **GREEDY}))
+            assert (await read_reply(ws)).done["finish_reason"] in ("stop", "length")
+
+    asyncio.run(scenario())
+
+
+def test_second_chat_while_streaming_is_refused_and_reset_clears(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            turn = {"type": "chat", "messages": [{"role": "user", "content": "Count to twenty."}], "temperature": 0,
+                    "max_tokens": 60}
+            await ws.send(json.dumps(turn))
+            await ws.send(json.dumps(turn))
+            errors, done = [], None
+            while done is None:
+                message = json.loads(await ws.recv())
+                if message["type"] == "error":
+                    errors.append(message)
+                elif message["type"] == "done":
+                    done = message
+            assert [e["code"] for e in errors] == ["bad_message"] and "still streaming" in errors[0]["message"]
+            await ws.send(json.dumps({"type": "reset"}))
+            await ws.send(json.dumps(turn))
+            after_reset = await read_reply(ws)
+            assert after_reset.done["usage"]["cached_tokens"] == 0
+            assert after_reset.done["usage"]["prompt_tokens"] == done["usage"]["prompt_tokens"]
+
+    asyncio.run(scenario())
+
+
+def test_raw_generate_and_stop_sequence(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "generate", "prompt": "1, 2, 3, 4, 5,", "temperature": 0,
+                                      "max_tokens": 30, "stop": ["9"]}))
+            reply = await read_reply(ws)
+            assert reply.done["finish_reason"] == "stop"
+            assert "9" not in reply.text and "6" in reply.text
+            await ws.send(json.dumps({"type": "generate", "prompt": "Once upon a time", "temperature": 0,
+                                      "max_tokens": 5}))
+            limited = await read_reply(ws)
+            assert limited.done["finish_reason"] == "length" and limited.done["usage"]["completion_tokens"] == 5
+
+    asyncio.run(scenario())

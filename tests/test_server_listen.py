@@ -1,0 +1,86 @@
+"""`WS /v1/listen` against a real `brook serve`: transcripts match offline, partials stream, silence is quiet."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from pathlib import Path
+
+import numpy as np
+import soxr
+
+from app.audio import load_audio
+from app.repository import ModelRepository
+from app.speech.transcribe import transcribe
+from app.speech.wer import word_error_rate
+from app.speech.whisper_runner import WhisperRunner
+from tests.conftest import load_model
+from tests.server_process import RunningServer
+from tests.ws_clients import stream_audio
+
+# Streaming cuts the audio at pauses the VAD finds and decodes each utterance alone, so a few words at the
+# utterance edges can differ from offline 30 s windows. Measured on these clips: 0.00-0.06.
+MAX_STREAMING_WER = 0.15
+
+
+@functools.cache
+def _offline_text(path: Path, model_dir: Path) -> str:
+    loaded = ModelRepository(model_dir).load("whisper-tiny-en", 1)
+    return transcribe(load_audio(path), WhisperRunner(loaded.directory, loaded.manifest.config)).text
+
+
+def offline(model_repository: ModelRepository, path: Path) -> str:
+    """What `brook transcribe` prints for the file (version 1), computed once per file."""
+    load_model(model_repository, "whisper-tiny-en", 1)
+    return _offline_text(path, model_repository.root)
+
+
+def test_real_time_stream_matches_offline_and_partials_arrive_while_speaking(
+    brook_server: RunningServer, model_repository: ModelRepository, speech_clips: dict[str, Path]
+) -> None:
+    audio = load_audio(speech_clips["telephone"])
+    result = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen", audio, speed=1.0))
+    assert result.ready["type"] == "ready" and result.ready["version"] == 1
+    finals, partials = result.of("final"), result.of("partial")
+    assert finals, result.events
+    assert result.events[-1]["type"] == "end" and result.close_code == 1000
+    wer = word_error_rate(offline(model_repository, speech_clips["telephone"]), result.final_text)
+    assert wer <= MAX_STREAMING_WER, (wer, result.final_text)
+    # Partials arrive while the audio is still being sent, not only at the end.
+    last_chunk_sent = result.sent_until[-1]
+    assert any(p["_received"] < last_chunk_sent - 2.0 for p in partials), "no partial arrived mid-stream"
+    for event in result.of("speech_started") + partials + finals:
+        assert 0.0 <= event["start"] <= 30.0
+    for final in finals:
+        assert final["end"] >= final["start"]
+    utterances = [f["utterance"] for f in finals]
+    assert utterances == sorted(set(utterances)), "one final per utterance, in order"
+
+
+def test_four_times_real_time_at_44k1_matches_offline(
+    brook_server: RunningServer, model_repository: ModelRepository, speech_clips: dict[str, Path]
+) -> None:
+    audio = load_audio(speech_clips["telephone"])
+    at_44k1 = soxr.resample(audio, 16000, 44100).astype(np.float32)
+    url = f"{brook_server.ws}/v1/listen?sample_rate=44100"
+    result = asyncio.run(stream_audio(url, at_44k1, speed=4.0, rate=44100))
+    assert result.ready["sample_rate"] == 44100
+    wer = word_error_rate(offline(model_repository, speech_clips["telephone"]), result.final_text)
+    assert wer <= MAX_STREAMING_WER, (wer, result.final_text)
+
+
+def test_silence_and_noise_produce_no_transcripts(
+    brook_server: RunningServer, speech_clips: dict[str, Path]
+) -> None:
+    for name in ("silence", "noise"):
+        result = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen", load_audio(speech_clips[name]), speed=0))
+        kinds = [e["type"] for e in result.events]
+        assert kinds == ["end"], (name, result.events)
+
+
+def test_interim_results_false_sends_only_finals(
+    brook_server: RunningServer, speech_clips: dict[str, Path]
+) -> None:
+    audio = load_audio(speech_clips["meeting_dev00"])[: 16000 * 12]
+    result = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen?interim_results=false", audio, speed=0))
+    assert result.of("final") and not result.of("partial")

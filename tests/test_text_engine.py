@@ -1,0 +1,487 @@
+"""The text engine in-process on the real SmolLM2-135M model: streaming, KV reuse, batching parity, stops, cancel,
+slot accounting, shutdown and crash handling."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.engine.conversation import common_prefix_length
+from app.engine.text_engine import TOKENIZER_FILE_NAME, TextEngine, TextEngineSettings
+from app.engine.text_events import Generation, GenerationDone, TokenDelta
+from app.errors import EngineDeadError, ModelError
+from app.paths import default_model_dir
+from app.repository import ModelRepository
+from app.text.chat_template import ChatTemplate
+from app.text.llama_runner import LlamaRunner, StepInput
+from app.text.sampling import ContextLengthError, SamplingParams, SamplingParamsError
+from app.text.tokenizer import TextTokenizer
+from tests.conftest import missing
+
+MODEL_NAME = "smollm2-135m-instruct"
+MODEL_DIR_ENV = "BROOK_LLM_MODEL_DIR"
+DEFAULT_FALLBACK_DIR = "/tmp/brook-llm/1"
+RUNNER_SLOTS = 8
+RUNNER_MAX_SEQ_LEN = 1024
+GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
+PROMPTS = [
+    "Name a fruit that is red.",
+    "What is two plus two?",
+    "Write a haiku about rain.",
+    "Who wrote Hamlet?",
+    "Give me a synonym for happy.",
+    "What colour is the sky on a clear day?",
+    "Say hello in French.",
+    "What is the boiling point of water in Celsius?",
+]
+
+
+def _fallback_model() -> tuple[Path, dict[str, Any]] | None:
+    directory = Path(os.environ.get(MODEL_DIR_ENV, DEFAULT_FALLBACK_DIR))
+    manifest, config_file = directory / "manifest.json", directory / "config.json"
+    if manifest.is_file():
+        return directory, dict(json.loads(manifest.read_text())["config"])
+    if config_file.is_file():
+        return directory, dict(json.loads(config_file.read_text()))
+    return None
+
+
+def load_llm() -> tuple[Path, dict[str, Any]]:
+    """The converted SmolLM2 folder and its config: from the model repository, else ``$BROOK_LLM_MODEL_DIR``."""
+    try:
+        loaded = ModelRepository(default_model_dir()).load(MODEL_NAME, check_hashes=False)
+        return loaded.directory, dict(loaded.manifest.config)
+    except ModelError as error:
+        reason = str(error)
+    fallback = _fallback_model()
+    if fallback is None or not (fallback[0] / TOKENIZER_FILE_NAME).is_file():
+        missing(f"{MODEL_NAME} is not in the model repository ({reason}) and ${MODEL_DIR_ENV} "
+                f"({os.environ.get(MODEL_DIR_ENV, DEFAULT_FALLBACK_DIR)}) has no converted model")
+        raise AssertionError("unreachable")
+    return fallback
+
+
+@dataclass(frozen=True)
+class Model:
+    runner: LlamaRunner
+    tokenizer: TextTokenizer
+    template: ChatTemplate
+    config: dict[str, Any]
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    directory, config = load_llm()
+    runner = LlamaRunner(directory, config, intra_op_threads=2, max_batch_size=RUNNER_SLOTS,
+                         max_seq_len=RUNNER_MAX_SEQ_LEN)
+    tokenizer = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config)
+    return Model(runner, tokenizer, ChatTemplate(config["chat_template"]), config)
+
+
+class StepRecorder:
+    """A TextEngineObserver that keeps what it is told."""
+
+    def __init__(self) -> None:
+        self.steps: list[tuple[int, int, int, float]] = []
+        self.ttfts: list[float] = []
+
+    def on_step(self, batch_size: int, prefill_tokens: int, decode_tokens: int, seconds: float) -> None:
+        self.steps.append((batch_size, prefill_tokens, decode_tokens, seconds))
+
+    def on_ttft(self, seconds: float) -> None:
+        self.ttfts.append(seconds)
+
+
+@asynccontextmanager
+async def running_engine(
+    model: Model, runner: Any = None, observer: StepRecorder | None = None, **settings: Any
+) -> AsyncIterator[TextEngine]:
+    engine = TextEngine(runner or model.runner, model.tokenizer, model.template, model.config,
+                        TextEngineSettings(**settings), observer)
+    await engine.start()
+    try:
+        yield engine
+    finally:
+        await engine.shutdown()
+
+
+@dataclass
+class Reply:
+    deltas: list[TokenDelta]
+    done: GenerationDone
+
+    @property
+    def text(self) -> str:
+        return "".join(delta.text for delta in self.deltas)
+
+
+async def collect(generation: Generation) -> Reply:
+    deltas: list[TokenDelta] = []
+    dones: list[GenerationDone] = []
+    async for event in generation:
+        assert not dones, "an event arrived after GenerationDone"
+        if isinstance(event, TokenDelta):
+            assert event.text, "a TokenDelta without text"
+            assert "\ufffd" not in event.text, f"broken character in {event.text!r}"
+            deltas.append(event)
+        else:
+            dones.append(event)
+    assert len(dones) == 1
+    return Reply(deltas, dones[0])
+
+
+async def chat_once(engine: TextEngine, prompt: str, params: SamplingParams = GREEDY) -> Reply:
+    conversation = engine.open_conversation()
+    try:
+        return await collect(engine.chat(conversation, [("user", prompt)], params))
+    finally:
+        engine.close_conversation(conversation)
+
+
+def run(coroutine: Any) -> Any:
+    return asyncio.run(coroutine)
+
+
+# -- streaming and conversation turns ------------------------------------------------------------------------------
+
+
+def test_reply_streams_as_deltas_then_one_done(model: Model) -> None:
+    async def scenario() -> None:
+        recorder = StepRecorder()
+        async with running_engine(model, observer=recorder) as engine:
+            conversation = engine.open_conversation()
+            reply = await collect(engine.chat(conversation, [("user", PROMPTS[2])], GREEDY))
+            assert len(reply.deltas) >= 3
+            done = reply.done
+            assert done.finish_reason in ("stop", "length")
+            assert done.usage.prompt_tokens > 10 and 0 < done.usage.completion_tokens <= 16
+            assert done.usage.cached_tokens == 0 and done.timings.prefill_tokens == done.usage.prompt_tokens
+            assert done.timings.ttft_ms > 0 and done.timings.decode_ms > 0
+            assert conversation.messages == [("user", PROMPTS[2]), ("assistant", reply.text)]
+            assert recorder.ttfts and sum(step[2] for step in recorder.steps) == done.usage.completion_tokens - 1
+            assert engine.active_requests == 0 and engine.slots_in_use == 1
+
+    run(scenario())
+
+
+def test_follow_up_turn_reuses_the_cache_and_prefills_only_new_tokens(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            conversation = engine.open_conversation()
+            first = await collect(engine.chat(conversation, [("user", "Name three colours.")], GREEDY))
+            cached_before = list(conversation.token_ids)
+            second = await collect(engine.chat(conversation, [("user", "And three animals?")], GREEDY))
+            usage, timings = second.done.usage, second.done.timings
+            prompt_ids = conversation.token_ids[: usage.prompt_tokens]
+            assert usage.cached_tokens == common_prefix_length(cached_before, prompt_ids)
+            assert usage.cached_tokens >= first.done.usage.prompt_tokens  # at least the whole first prompt
+            assert timings.prefill_tokens == usage.prompt_tokens - usage.cached_tokens
+            new_message_tokens = len(model.tokenizer.encode("And three animals?", allow_special=False))
+            assert timings.prefill_tokens <= new_message_tokens + 12  # the message plus the template's markers
+            assert [role for role, _ in conversation.messages] == ["user", "assistant", "user", "assistant"]
+
+    run(scenario())
+
+
+def test_reset_forgets_history_and_frees_the_slot(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            conversation = engine.open_conversation()
+            await collect(engine.chat(conversation, [("user", PROMPTS[0])], GREEDY))
+            assert engine.slots_in_use == 1
+            engine.reset(conversation)
+            assert conversation.messages == [] and engine.slots_in_use == 0
+            reply = await collect(engine.chat(conversation, [("user", PROMPTS[0])], GREEDY))
+            assert reply.done.usage.cached_tokens == 0 and len(conversation.messages) == 2
+
+    run(scenario())
+
+
+# -- batching ------------------------------------------------------------------------------------------------------
+
+
+def test_concurrent_greedy_requests_equal_the_same_requests_alone(model: Model) -> None:
+    async def scenario() -> None:
+        recorder = StepRecorder()
+        async with running_engine(model, observer=recorder, max_batch_size=8, prefill_chunk_tokens=64) as engine:
+            alone = [await chat_once(engine, prompt) for prompt in PROMPTS]
+            recorder.steps.clear()
+            together = await asyncio.gather(*(chat_once(engine, prompt) for prompt in PROMPTS))
+            assert max(step[0] for step in recorder.steps) == len(PROMPTS)  # all eight ran in one step
+            assert any(step[1] > 0 and step[2] > 0 for step in recorder.steps)  # prefill chunks mixed with decodes
+            assert all(step[1] + step[2] <= 64 for step in recorder.steps)
+            for prompt, single, batched in zip(PROMPTS, alone, together, strict=True):
+                assert batched.text == single.text, prompt
+                assert batched.done.usage == single.done.usage
+
+    run(scenario())
+
+
+def test_seeded_sampling_is_reproducible_alone_and_in_a_batch(model: Model) -> None:
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=16)
+
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            first = await chat_once(engine, PROMPTS[2], params)
+            second, *_ = await asyncio.gather(
+                chat_once(engine, PROMPTS[2], params),
+                chat_once(engine, PROMPTS[3], SamplingParams(temperature=0.9, max_tokens=16)),
+                chat_once(engine, PROMPTS[4], GREEDY),
+            )
+            assert first.text == second.text
+
+    run(scenario())
+
+
+def test_slow_consumer_gets_merged_deltas(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            generation = engine.complete("The alphabet: A, B, C, D,", SamplingParams(temperature=0.0, max_tokens=12))
+            while not generation.finished:
+                await asyncio.sleep(0.02)  # the reader is late: the engine does not wait for it
+            reply = await collect(generation)
+            assert len(reply.deltas) == 1 and reply.done.usage.completion_tokens == 12
+            assert len(reply.deltas[0].token_ids) == 12
+
+    run(scenario())
+
+
+def test_characters_split_over_tokens_arrive_whole(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            generation = engine.complete("中文：你好，世界。我喜欢", SamplingParams(temperature=0.0, max_tokens=16))
+            reply = await collect(generation)
+            split = [delta for delta in reply.deltas if len(delta.token_ids) > 1]
+            assert split, "expected CJK characters spanning several byte-level tokens"
+            for delta in split:
+                assert model.tokenizer.decode(delta.token_ids) == delta.text  # collect() also checked for U+FFFD
+            all_ids = [token for delta in reply.deltas for token in delta.token_ids]
+            assert reply.text == model.tokenizer.decode(all_ids, skip_special=True)
+
+    run(scenario())
+
+
+# -- finishing -----------------------------------------------------------------------------------------------------
+
+
+def test_max_tokens_gives_length(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            reply = await chat_once(engine, "Count from one to one hundred in words.",
+                                    SamplingParams(temperature=0.0, max_tokens=5))
+            assert reply.done.finish_reason == "length" and reply.done.usage.completion_tokens == 5
+
+    run(scenario())
+
+
+def test_stop_string_cuts_the_text_before_it(model: Model) -> None:
+    prompt = "Count from one to twenty in words, separated by commas."
+    params = SamplingParams(temperature=0.0, max_tokens=24)
+
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            full = await chat_once(engine, prompt, params)
+            assert len(full.text) > 20, full.text
+            stop = full.text[12:17]  # a piece in the middle, which may start or end inside a token
+            expected = full.text[: full.text.index(stop)]
+            cut = await chat_once(engine, prompt, SamplingParams(temperature=0.0, max_tokens=24, stop=(stop,)))
+            assert cut.done.finish_reason == "stop"
+            assert cut.text == expected and stop not in cut.text
+
+    run(scenario())
+
+
+def test_cancel_mid_reply(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            conversation = engine.open_conversation()
+            generation = engine.chat(conversation, [("user", "Tell me a long story about a dragon.")],
+                                     SamplingParams(temperature=0.0, max_tokens=200))
+            received: list[str] = []
+            done: GenerationDone | None = None
+            async for event in generation:
+                if isinstance(event, TokenDelta):
+                    received.append(event.text)
+                    if len(received) == 3:
+                        generation.cancel()
+                else:
+                    done = event
+            assert done is not None and done.finish_reason == "cancelled"
+            assert done.usage.completion_tokens < 200
+            assert engine.active_requests == 0
+            assert conversation.messages[-1] == ("assistant", "".join(received))
+            assert engine.slots_in_use == 1  # the conversation keeps its cache for the next turn
+            with pytest.raises(RuntimeError, match="iterated only once"):
+                generation.__aiter__()
+            follow_up = await collect(engine.chat(conversation, [("user", "Shorter, please.")],
+                                                  SamplingParams(temperature=0.0, max_tokens=4)))
+            assert follow_up.done.usage.cached_tokens > done.usage.prompt_tokens
+
+    run(scenario())
+
+
+def test_leaving_the_loop_early_cancels_the_generation(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            generation = engine.complete("Once upon a time", SamplingParams(temperature=0.0, max_tokens=200))
+            iterator = generation.__aiter__()
+            await iterator.__anext__()
+            await iterator.aclose()  # what `break` or a cancelled reader task does
+            while engine.active_requests:
+                await asyncio.sleep(0.01)
+            assert generation.finished and engine.slots_in_use == 0
+
+    run(scenario())
+
+
+# -- slots ---------------------------------------------------------------------------------------------------------
+
+
+def test_close_conversation_frees_the_slot(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model) as engine:
+            idle = engine.open_conversation()
+            await collect(engine.chat(idle, [("user", PROMPTS[0])], GREEDY))
+            busy = engine.open_conversation()
+            generation = engine.chat(busy, [("user", PROMPTS[1])], SamplingParams(temperature=0.0, max_tokens=100))
+            assert engine.slots_in_use == 1  # busy is not admitted before the loop's next step
+            engine.close_conversation(idle)
+            engine.close_conversation(idle)  # idempotent
+            assert engine.slots_in_use == 0
+            first = await generation.__aiter__().__anext__()
+            assert isinstance(first, TokenDelta) and engine.slots_in_use == 1
+            engine.close_conversation(busy)
+            while not generation.finished:
+                await asyncio.sleep(0.01)
+            assert engine.slots_in_use == 0 and engine.active_requests == 0
+            with pytest.raises(RuntimeError, match="closed"):
+                engine.chat(busy, [("user", "hi")], GREEDY)
+
+    run(scenario())
+
+
+def test_idle_conversations_are_evicted_least_recently_used_first(model: Model) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    async def scenario() -> None:
+        async with running_engine(model, max_batch_size=2) as engine:
+            a, b, c = (engine.open_conversation() for _ in range(3))
+            await collect(engine.chat(a, [("user", PROMPTS[0])], params))
+            await collect(engine.chat(b, [("user", PROMPTS[1])], params))
+            await collect(engine.chat(c, [("user", PROMPTS[2])], params))  # evicts a, the least recently used
+            assert a.slot is None and b.slot is not None and c.slot is not None
+            assert engine.slots_in_use == 2
+            again = await collect(engine.chat(a, [("user", "Thanks.")], params))  # evicts b
+            assert again.done.usage.cached_tokens == 0
+            assert again.done.timings.prefill_tokens == again.done.usage.prompt_tokens
+            assert b.slot is None
+            follow_up = await collect(engine.chat(c, [("user", "Thanks.")], params))
+            assert follow_up.done.usage.cached_tokens > 0
+
+    run(scenario())
+
+
+# -- validation ----------------------------------------------------------------------------------------------------
+
+
+def test_bad_requests_raise_before_the_conversation_changes(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model, max_seq_len=256) as engine:
+            conversation = engine.open_conversation()
+            with pytest.raises(SamplingParamsError):
+                engine.chat(conversation, [("user", "hi")], SamplingParams(temperature=-1.0))
+            with pytest.raises(ContextLengthError):
+                engine.chat(conversation, [("user", "word " * 400)], GREEDY)
+            assert conversation.messages == [] and engine.active_requests == 0
+            generation = engine.chat(conversation, [("user", "hi")], GREEDY)
+            with pytest.raises(RuntimeError, match="already running"):
+                engine.chat(conversation, [("user", "again")], GREEDY)
+            await collect(generation)
+            assert len(conversation.messages) == 2
+
+    run(scenario())
+
+
+def test_reply_is_cut_to_the_context_window(model: Model) -> None:
+    async def scenario() -> None:
+        async with running_engine(model, max_seq_len=64) as engine:
+            reply = await chat_once(engine, "Tell me about whales.", SamplingParams(temperature=0.0, max_tokens=500))
+            usage = reply.done.usage
+            assert reply.done.finish_reason in ("length", "stop")
+            assert usage.prompt_tokens + usage.completion_tokens <= 64
+
+    run(scenario())
+
+
+# -- shutdown and crashes ------------------------------------------------------------------------------------------
+
+
+def test_shutdown_makes_pending_iteration_raise_engine_dead(model: Model) -> None:
+    async def scenario() -> None:
+        engine = TextEngine(model.runner, model.tokenizer, model.template, model.config, TextEngineSettings())
+        await engine.start()
+        running = engine.complete("Once upon a time", SamplingParams(temperature=0.0, max_tokens=200))
+        iterator = running.__aiter__()
+        assert isinstance(await iterator.__anext__(), TokenDelta)
+        await engine.shutdown()
+        with pytest.raises(EngineDeadError):
+            while True:
+                await iterator.__anext__()
+        with pytest.raises(EngineDeadError):
+            engine.complete("more", GREEDY)
+        with pytest.raises(EngineDeadError):
+            engine.open_conversation()
+        assert engine.slots_in_use == 0 and engine.active_requests == 0
+        await engine.shutdown()  # idempotent
+
+    run(scenario())
+
+
+class ExplodingRunner:
+    """Delegates to the real runner until ``explode`` is set, then every step raises."""
+
+    def __init__(self, runner: LlamaRunner) -> None:
+        self.runner = runner
+        self.explode = False
+
+    def allocate_slot(self) -> int:
+        return self.runner.allocate_slot()
+
+    def free_slot(self, slot: int) -> None:
+        self.runner.free_slot(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.runner.truncate(slot, length)
+
+    def step(self, batch: Sequence[StepInput]) -> np.ndarray:
+        if self.explode:
+            raise RuntimeError("simulated onnxruntime failure")
+        return self.runner.step(batch)
+
+
+def test_a_crashed_step_loop_fails_every_pending_generation(model: Model) -> None:
+    async def scenario() -> None:
+        runner = ExplodingRunner(model.runner)
+        async with running_engine(model, runner=runner) as engine:
+            generations = [engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=100))
+                           for prompt in ("Once upon a time", "The history of Rome", "My favourite recipe is")]
+            first = await generations[0].__aiter__().__anext__()
+            assert isinstance(first, TokenDelta)
+            runner.explode = True
+            for generation in generations[1:]:
+                with pytest.raises(EngineDeadError, match="simulated onnxruntime failure"):
+                    await collect(generation)
+            with pytest.raises(EngineDeadError):
+                engine.complete("more", GREEDY)
+            assert engine.slots_in_use == 0
+
+    run(scenario())

@@ -1,0 +1,419 @@
+"""The text scheduler without a model: hand-made sampled tokens, a fake slot pool that checks every slot operation."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.engine.conversation import Conversation, common_prefix_length
+from app.engine.text_scheduler import (
+    RequestStatus,
+    SchedulerConfig,
+    SchedulerOutput,
+    TextRequest,
+    TextScheduler,
+)
+from app.errors import OverloadedError
+
+SAMPLED_TOKEN = 7
+
+
+class FakeSlots:
+    """A KV slot pool that tracks each slot's length and refuses impossible operations, like LlamaRunner's."""
+
+    def __init__(self, num_slots: int, max_seq_len: int = 10_000) -> None:
+        self.num_slots = num_slots
+        self.max_seq_len = max_seq_len
+        self.contents: dict[int, list[int]] = {}  # the tokens each allocated slot holds
+        self.truncations: list[tuple[int, int]] = []
+
+    def allocate_slot(self) -> int:
+        free = sorted(set(range(self.num_slots)) - set(self.contents))
+        assert free, "allocate_slot called with every slot in use"
+        self.contents[free[0]] = []
+        return free[0]
+
+    @property
+    def lengths(self) -> dict[int, int]:
+        return {slot: len(tokens) for slot, tokens in self.contents.items()}
+
+    def free_slot(self, slot: int) -> None:
+        assert slot in self.contents, f"free_slot({slot}) of a slot that is not allocated"
+        del self.contents[slot]
+
+    def truncate(self, slot: int, length: int) -> None:
+        assert 0 <= length <= len(self.contents[slot]), f"truncate({slot}, {length}) beyond its length"
+        del self.contents[slot][length:]
+        self.truncations.append((slot, length))
+
+    def run(self, output: SchedulerOutput) -> None:
+        slots = [row.slot for row in output.rows]
+        assert len(set(slots)) == len(slots), f"a step names a slot twice: {slots}"
+        for row in output.rows:
+            assert row.slot in self.contents and row.token_ids
+            self.contents[row.slot].extend(row.token_ids)
+            assert len(self.contents[row.slot]) <= self.max_seq_len
+
+
+_ids = itertools.count()
+
+
+def make_request(
+    prompt_len: int, conversation: Conversation | None = None, prompt: list[int] | None = None
+) -> TextRequest:
+    """A request with ``prompt`` (default: ids 1..prompt_len) on ``conversation`` (default: a new one)."""
+    ids = prompt if prompt is not None else list(range(1, prompt_len + 1))
+    return TextRequest(f"r{next(_ids)}", conversation or Conversation(), ids)
+
+
+def make_scheduler(num_slots: int = 4, budget: int = 64, max_waiting: int = 16) -> tuple[TextScheduler, FakeSlots]:
+    slots = FakeSlots(num_slots)
+    return TextScheduler(slots, SchedulerConfig(num_slots, budget, max_waiting)), slots
+
+
+def step(
+    scheduler: TextScheduler, slots: FakeSlots, token: Callable[[TextRequest], int] = lambda r: SAMPLED_TOKEN
+) -> tuple[SchedulerOutput, list[TextRequest]]:
+    """Schedule, 'run' the rows on the fake pool, and report a sampled token for every sampling row."""
+    output = scheduler.schedule()
+    slots.run(output)
+    sampled = {row.request.request_id: token(row.request) for row in output.rows if row.samples}
+    return output, scheduler.update(output, sampled)
+
+
+def check_slot_mirror(scheduler: TextScheduler, slots: FakeSlots) -> None:
+    """Every slot holds exactly what the scheduler believes: running requests' computed tokens, idle conversations'
+    token ids."""
+    for request in scheduler.running():
+        assert request.conversation.slot is not None
+        assert slots.contents[request.conversation.slot] == request.computed_ids()
+        assert request.conversation.token_ids == request.computed_ids()[: len(request.conversation.token_ids)]
+    for conversation in scheduler.idle_conversations():
+        assert conversation.slot is not None
+        assert slots.contents[conversation.slot] == conversation.token_ids
+    assert scheduler.slots_in_use == len(slots.contents) <= slots.num_slots
+
+
+def test_config_needs_a_budget_of_at_least_one_token_per_slot() -> None:
+    with pytest.raises(ValueError, match="token_budget"):
+        SchedulerConfig(num_slots=8, token_budget=4, max_waiting=1)
+
+
+def test_chunked_prefill_progresses_and_only_the_last_chunk_samples() -> None:
+    scheduler, slots = make_scheduler(budget=64)
+    request = make_request(200)
+    scheduler.add(request)
+    chunks = []
+    while request.is_prefilling:
+        output, grown = step(scheduler, slots)
+        (row,) = output.rows
+        chunks.append(len(row.token_ids))
+        assert row.is_prefill
+        assert row.samples == (not request.is_prefilling)
+        assert grown == ([request] if row.samples else [])
+    assert chunks == [64, 64, 64, 8]
+    assert request.prefilled_tokens == 200 and request.output_ids == [SAMPLED_TOKEN]
+    output, _ = step(scheduler, slots)
+    assert [(row.token_ids, row.is_prefill, row.samples) for row in output.rows] == [((SAMPLED_TOKEN,), False, True)]
+    check_slot_mirror(scheduler, slots)
+
+
+def test_budget_is_respected_and_decode_rows_are_never_skipped() -> None:
+    scheduler, slots = make_scheduler(num_slots=4, budget=32)
+    decoders = [make_request(3) for _ in range(3)]
+    for request in decoders:
+        scheduler.add(request)
+    step(scheduler, slots)  # the three short prompts are prefilled together
+    assert all(not r.is_prefilling for r in decoders)
+    long_prompt = make_request(500)
+    scheduler.add(long_prompt)
+    steps = 0
+    while long_prompt.is_prefilling:
+        output, _ = step(scheduler, slots)
+        steps += 1
+        assert output.num_tokens <= 32
+        decode_rows = [row for row in output.rows if row.request in decoders]
+        assert len(decode_rows) == 3 and all(len(row.token_ids) == 1 for row in decode_rows)
+        assert (output.decode_tokens == 3 and output.prefill_tokens == 29) or not long_prompt.is_prefilling
+        check_slot_mirror(scheduler, slots)
+    assert steps == -(-500 // 29)
+
+
+def test_requests_join_between_steps_and_finished_ones_leave() -> None:
+    scheduler, slots = make_scheduler()
+    first, second = make_request(5), make_request(5)
+    scheduler.add(first)
+    step(scheduler, slots)
+    scheduler.add(second)
+    output, _ = step(scheduler, slots)
+    assert {row.request for row in output.rows} == {first, second}
+    scheduler.finish(first, RequestStatus.FINISHED_STOPPED)
+    output, _ = step(scheduler, slots)
+    assert [row.request for row in output.rows] == [second]
+    assert first.status is RequestStatus.FINISHED_STOPPED and scheduler.num_running == 1
+
+
+def test_abort_takes_effect_at_the_next_step_and_frees_the_slot() -> None:
+    scheduler, slots = make_scheduler(num_slots=2)
+    one_off = make_request(5, Conversation(ephemeral=True))
+    chat = make_request(5)
+    scheduler.add(one_off)
+    scheduler.add(chat)
+    step(scheduler, slots)
+    scheduler.abort(one_off.request_id)
+    scheduler.abort(chat.request_id)
+    assert scheduler.num_running == 2  # nothing changes until the next step
+    output, _ = step(scheduler, slots)
+    assert set(output.aborted) == {one_off, chat} and not output.rows
+    assert one_off.status is RequestStatus.FINISHED_ABORTED and scheduler.num_running == 0
+    assert one_off.conversation.slot is None  # a one-off frees its slot
+    assert chat.conversation.slot is not None  # a conversation keeps its cache, now idle and evictable
+    assert chat.conversation.token_ids == [1, 2, 3, 4, 5]  # the sampled token never ran
+    assert scheduler.idle_conversations() == (chat.conversation,)
+    check_slot_mirror(scheduler, slots)
+
+
+def test_abort_of_a_waiting_request_and_of_an_unknown_id() -> None:
+    scheduler, slots = make_scheduler(num_slots=1)
+    running, waiting = make_request(4), make_request(4)
+    scheduler.add(running)
+    scheduler.add(waiting)
+    step(scheduler, slots)
+    assert waiting.status is RequestStatus.WAITING
+    scheduler.abort(waiting.request_id)
+    scheduler.abort("no-such-request")
+    assert scheduler.apply_pending() == [waiting]
+    assert scheduler.num_waiting == 0 and waiting.conversation.active_request_id is None
+
+
+def test_eviction_takes_the_least_recently_used_idle_conversation() -> None:
+    scheduler, slots = make_scheduler(num_slots=2)
+    a, b = make_request(10), make_request(10)
+    scheduler.add(a)
+    scheduler.add(b)
+    step(scheduler, slots)
+    scheduler.finish(b, RequestStatus.FINISHED_STOPPED)  # b becomes idle first ...
+    scheduler.finish(a, RequestStatus.FINISHED_STOPPED)  # ... then a: b is the least recently used
+    c = make_request(10)
+    scheduler.add(c)
+    output, _ = step(scheduler, slots)
+    assert output.evicted == (b.conversation,)
+    assert b.conversation.slot is None and len(b.conversation.token_ids) == 10  # its tokens stay in Python
+    assert a.conversation.slot is not None
+    # b's next turn has to prefill everything again.
+    b2 = make_request(0, b.conversation, prompt=[*b.conversation.token_ids, 99])
+    scheduler.finish(c, RequestStatus.FINISHED_STOPPED)
+    scheduler.add(b2)
+    output, _ = step(scheduler, slots)
+    assert output.evicted == (a.conversation,)
+    assert b2.cached_tokens == 0 and len(output.rows[0].token_ids) == 11
+    check_slot_mirror(scheduler, slots)
+
+
+def test_a_burst_fills_the_free_slots_and_then_the_bounded_queue() -> None:
+    scheduler, _ = make_scheduler(num_slots=3, max_waiting=2)
+    for _ in range(5):  # three will take the free slots at the next step, two wait
+        scheduler.add(make_request(3))
+    with pytest.raises(OverloadedError):
+        scheduler.add(make_request(3))
+
+
+def test_requests_wait_only_while_every_slot_runs_and_the_queue_is_bounded() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, max_waiting=2)
+    running = [make_request(3) for _ in range(2)]
+    for request in running:
+        scheduler.add(request)
+    step(scheduler, slots)
+    waiting = [make_request(3) for _ in range(2)]
+    for request in waiting:
+        scheduler.add(request)
+    with pytest.raises(OverloadedError):
+        scheduler.add(make_request(3))
+    output, _ = step(scheduler, slots)
+    assert {row.request for row in output.rows} == set(running)
+    scheduler.finish(running[0], RequestStatus.FINISHED_LENGTH)
+    output, _ = step(scheduler, slots)  # the idle slot is evicted for the first waiting request
+    assert waiting[0].status is RequestStatus.RUNNING and waiting[1].status is RequestStatus.WAITING
+    assert output.evicted == (running[0].conversation,)
+
+
+def test_a_second_request_on_a_busy_conversation_is_refused() -> None:
+    scheduler, _ = make_scheduler()
+    conversation = Conversation()
+    scheduler.add(make_request(3, conversation))
+    with pytest.raises(RuntimeError, match="already has request"):
+        scheduler.add(make_request(3, conversation))
+
+
+def test_next_turn_reuses_the_longest_common_prefix() -> None:
+    scheduler, slots = make_scheduler(budget=256)
+    conversation = Conversation()
+    first = make_request(0, conversation, prompt=list(range(100, 130)))
+    scheduler.add(first)
+    for _ in range(4):
+        step(scheduler, slots, token=lambda r: 500 + len(r.output_ids))
+    scheduler.finish(first, RequestStatus.FINISHED_STOPPED)
+    # The slot holds the prompt and all but the last sampled token.
+    assert conversation.token_ids == [*range(100, 130), 500, 501, 502]
+    # The next prompt re-tokenizes the reply differently after two tokens, then continues.
+    second_prompt = [*range(100, 130), 500, 501, 777, 778, 779]
+    second = make_request(0, conversation, prompt=second_prompt)
+    scheduler.add(second)
+    output, _ = step(scheduler, slots)
+    assert second.cached_tokens == 32 and slots.truncations[-1] == (conversation.slot, 32)
+    assert output.rows[0].token_ids == (777, 778, 779) and second.prefilled_tokens == 3
+    check_slot_mirror(scheduler, slots)
+
+
+def test_identical_prompt_still_runs_its_last_token() -> None:
+    scheduler, slots = make_scheduler()
+    conversation = Conversation()
+    first = make_request(0, conversation, prompt=[1, 2, 3])
+    scheduler.add(first)
+    step(scheduler, slots)
+    step(scheduler, slots)
+    scheduler.finish(first, RequestStatus.FINISHED_STOPPED)
+    again = make_request(0, conversation, prompt=[1, 2, 3])
+    scheduler.add(again)
+    output, _ = step(scheduler, slots)
+    assert again.cached_tokens == 2 and output.rows[0].token_ids == (3,) and output.rows[0].samples
+
+
+def test_release_frees_an_idle_slot_and_waits_for_a_running_one() -> None:
+    scheduler, slots = make_scheduler()
+    idle, busy = make_request(4), make_request(4)
+    scheduler.add(idle)
+    scheduler.add(busy)
+    step(scheduler, slots)
+    scheduler.finish(idle, RequestStatus.FINISHED_STOPPED)
+    scheduler.release(idle.conversation)
+    scheduler.release(busy.conversation)
+    scheduler.apply_pending()
+    assert idle.conversation.slot is None and idle.conversation.token_ids == []
+    assert busy.conversation.slot is not None
+    scheduler.finish(busy, RequestStatus.FINISHED_STOPPED)
+    assert scheduler.idle_conversations() == ()
+    scheduler.schedule()
+    assert busy.conversation.slot is None and scheduler.slots_in_use == 0
+
+
+def test_closed_conversation_frees_its_slot_when_its_request_is_aborted() -> None:
+    scheduler, slots = make_scheduler()
+    request = make_request(4)
+    scheduler.add(request)
+    step(scheduler, slots)
+    request.conversation.closed = True
+    scheduler.abort(request.request_id)
+    scheduler.release(request.conversation)
+    scheduler.apply_pending()
+    assert scheduler.slots_in_use == 0 and slots.lengths == {}
+
+
+def test_drop_all_frees_every_slot() -> None:
+    scheduler, slots = make_scheduler(num_slots=2)
+    requests = [make_request(4) for _ in range(3)]
+    for request in requests:
+        scheduler.add(request)
+    step(scheduler, slots)
+    scheduler.finish(requests[0], RequestStatus.FINISHED_STOPPED)
+    scheduler.drop_all()
+    assert slots.lengths == {} and scheduler.slots_in_use == 0
+    assert scheduler.num_running == scheduler.num_waiting == 0
+    assert all(r.conversation.active_request_id is None for r in requests)
+
+
+def test_common_prefix_length() -> None:
+    assert common_prefix_length([1, 2, 3], [1, 2, 4, 5]) == 2
+    assert common_prefix_length([], [1]) == 0
+    assert common_prefix_length([1, 2], [1, 2]) == 2
+
+
+# -- property test: random traffic keeps every invariant and always drains -----------------------------------------
+
+_operation = st.one_of(
+    st.tuples(st.just("chat"), st.integers(0, 3), st.integers(1, 90)),  # conversation index, new prompt tokens
+    st.tuples(st.just("chat"), st.integers(0, 3), st.integers(1, 9)),
+    st.tuples(st.just("complete"), st.integers(0, 0), st.integers(1, 90)),
+    st.tuples(st.just("abort"), st.integers(0, 5), st.integers(0, 0)),
+    st.tuples(st.just("release"), st.integers(0, 9), st.integers(0, 0)),  # indices past 3 release nothing
+    st.tuples(st.just("step"), st.integers(0, 0), st.integers(0, 3)),  # how many requests finish after it
+    st.tuples(st.just("step"), st.integers(0, 0), st.integers(1, 4)),  # (twice: steps are most of the traffic)
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    num_slots=st.integers(1, 4),
+    budget_extra=st.integers(0, 40),
+    operations=st.lists(_operation, min_size=10, max_size=80),
+)
+def test_random_traffic_keeps_invariants(
+    num_slots: int, budget_extra: int, operations: list[tuple[str, int, int]]
+) -> None:
+    budget = num_slots + budget_extra
+    scheduler, slots = make_scheduler(num_slots=num_slots, budget=budget, max_waiting=8)
+    conversations = [Conversation() for _ in range(4)]
+    last_request: dict[int, TextRequest] = {}
+    ended: set[str] = set()
+
+    def check_step(output: SchedulerOutput, running_before: list[TextRequest]) -> None:
+        assert output.num_tokens <= budget
+        requests = [row.request for row in output.rows]
+        assert len(set(requests)) == len(requests)
+        for request in running_before:
+            if request.status is RequestStatus.RUNNING and request.request_id not in ended:
+                assert request in requests, "a running request got no row"
+        for row in output.rows:
+            assert row.request.status is RequestStatus.RUNNING
+            if not row.is_prefill:
+                assert len(row.token_ids) == 1
+        ended.update(r.request_id for r in output.aborted)
+
+    def do_step(finishing: int) -> None:
+        running_before = [r for r in scheduler.running() if r.request_id not in scheduler._pending_aborts]
+        output, grown = step(scheduler, slots, token=lambda r: 1000 + len(r.output_ids))
+        check_step(output, running_before)
+        check_slot_mirror(scheduler, slots)
+        for request in grown[:finishing]:
+            scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+            ended.add(request.request_id)
+        check_slot_mirror(scheduler, slots)
+
+    for kind, index, amount in operations:
+        conversation = conversations[min(index, len(conversations) - 1)]
+        if kind == "chat" and conversation.active_request_id is None:
+            prompt = [*conversation.token_ids[: len(conversation.token_ids) // 2], *range(2000, 2000 + amount)]
+            request = make_request(0, conversation, prompt=prompt)
+        elif kind == "complete":
+            request = make_request(amount, Conversation(ephemeral=True))
+        elif kind == "abort" and index in last_request:
+            scheduler.abort(last_request[index].request_id)
+            continue
+        elif kind == "release":
+            if index < len(conversations):
+                scheduler.release(conversations[index])
+            continue
+        elif kind == "step":
+            do_step(amount)
+            continue
+        else:
+            continue
+        try:
+            scheduler.add(request)
+        except OverloadedError:
+            assert scheduler.num_waiting == 8 + num_slots - scheduler.num_running
+            continue
+        last_request[index] = request
+
+    # Liveness: finishing every request that produces a token drains all queues within a bounded number of steps.
+    for _ in range(2000):  # at one token per step, eight 90-token prompts still drain
+        if scheduler.num_running == scheduler.num_waiting == 0:
+            break
+        do_step(num_slots)
+    assert scheduler.num_running == scheduler.num_waiting == 0
+    scheduler.apply_pending()
+    check_slot_mirror(scheduler, slots)
