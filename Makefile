@@ -3,7 +3,6 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.brook-installed
-SAMPLE_DIR ?= $(HOME)/.cache/brook/test-audio
 
 .PHONY: setup models serve test lint pytest clean-models
 
@@ -19,10 +18,9 @@ setup: $(STAMP)
 models: setup
 	$(BIN)/brook models fetch
 
-# Until the server lands, `make serve` fetches the models and transcribes a real recording.
-serve: models
-	$(BIN)/python scripts/test_audio.py $(SAMPLE_DIR) > /dev/null
-	$(BIN)/brook transcribe $(SAMPLE_DIR)/telephone.wav
+# Fetches and converts the default models on first run (idempotent), then serves on http://127.0.0.1:8000/.
+serve: setup
+	$(BIN)/brook serve
 
 lint: setup
 	$(BIN)/ruff check app scripts tests

@@ -20,7 +20,7 @@ class Settings:
     host: str = "127.0.0.1"  # interface to bind
     port: int = 8000  # TCP port
     model_dir: Path = field(default_factory=default_model_dir)  # the model repository folder
-    models: tuple[str, ...] = ("whisper-tiny-en", "silero-vad")  # models loaded at start (all their versions)
+    models: tuple[str, ...] = ("whisper-tiny-en", "silero-vad", "smollm2-135m-instruct")  # loaded at start
     speech_model: str = "whisper-tiny-en"  # default model of /v1/listen
     vad_model: str = "silero-vad"  # VAD used by every speech engine
     chat_model: str = "smollm2-135m-instruct"  # default model of /v1/chat

@@ -44,7 +44,8 @@ class DecodePolicy:
     """How windows are sized and decoded, and when a result is thrown away."""
 
     final_full_window: bool = True  # finals use the full 30 s window (like offline); else they are bucketed too
-    pad_s: float = 1.0  # silence after the audio of a bucketed window
+    pad_s: float = 2.0  # zero padding after the audio of a bucketed window
+    min_window_s: float = 10.0  # a bucketed window is never shorter than this (shorter ones loop more)
     bucket_s: float = 2.0  # bucketed windows are rounded up to a multiple of this, so streams share calls
     tokens_base: int = 10  # new-token limit: tokens_base + tokens_per_s * seconds of audio
     tokens_per_s: float = 8.0
@@ -58,8 +59,9 @@ class DecodePolicy:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
         if kind == "final" and self.final_full_window:
             return max_frames
-        bucket = max(2, round(self.bucket_s * SAMPLE_RATE_HZ / HOP_LENGTH) // 2 * 2)
-        wanted = n_samples / HOP_LENGTH + self.pad_s * SAMPLE_RATE_HZ / HOP_LENGTH
+        frames_per_s = SAMPLE_RATE_HZ / HOP_LENGTH
+        bucket = max(2, round(self.bucket_s * frames_per_s) // 2 * 2)
+        wanted = max(n_samples / HOP_LENGTH + self.pad_s * frames_per_s, self.min_window_s * frames_per_s)
         return min(max_frames, max(bucket, math.ceil(wanted / bucket) * bucket))
 
     def token_limit(self, n_samples: int) -> int:

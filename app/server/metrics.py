@@ -14,7 +14,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.sessions = Gauge("brook_open_sessions", "Open WebSocket sessions", ["endpoint", "model", "version"], registry=r)
+        self.sessions = Gauge("brook_open_sessions", "Open WebSocket sessions", ["endpoint", "model", "version"],
+                              registry=r)
         self.sessions_total = Counter("brook_sessions_opened", "WebSocket sessions opened",
                                       ["endpoint", "model", "version"], registry=r)
         self.rejected = Counter("brook_rejected_total", "Handshakes refused before accept",
