@@ -9,17 +9,21 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from app.errors import BrookError
 from app.paths import default_model_dir
 from app.repository import ModelRepository, VersionState
 
+if TYPE_CHECKING:
+    from app.text.local_chat import SamplingOptions
+
 logger = logging.getLogger("brook")
 
 
-def _configure_logging(verbose: bool) -> None:
+def _configure_logging(verbose: bool, quiet: bool = False) -> None:
     logging.basicConfig(
-        level=logging.DEBUG if verbose else logging.INFO,
+        level=logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         datefmt="%H:%M:%S",
         stream=sys.stderr,
@@ -129,6 +133,81 @@ def _cmd_listen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
+    from app.text.local_chat import SamplingOptions
+
+    return SamplingOptions(
+        max_tokens=args.max_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=tuple(getattr(args, "stop", None) or ()),
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.text import local_chat
+
+    params = _sampling_options(args).to_params()  # bad values fail before the model loads
+    loaded = local_chat.load_text_model(args.model_dir, args.model, args.version)
+
+    async def run() -> None:
+        async with local_chat.local_engine(loaded, threads=args.threads) as engine:
+            done = await local_chat.generate(
+                engine, args.prompt, params, use_template=not args.no_template, as_json=args.json,
+                out=sys.stdout, system=args.system,
+            )
+            if not args.json:
+                print(local_chat.describe_done(done), file=sys.stderr)
+
+    asyncio.run(run())
+    return 0
+
+
+def _cmd_chat(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from app.text import local_chat
+
+    if args.url is not None:
+        from app.client import chat_remote, with_query
+
+        url = with_query(args.url, model=args.model, version=args.version)
+        asyncio.run(chat_remote(url, token=args.token, max_tokens=args.max_tokens, temperature=args.temperature))
+        return 0
+    params = _sampling_options(args).to_params()
+    loaded = local_chat.load_text_model(args.model_dir, args.model or local_chat.DEFAULT_TEXT_MODEL, args.version)
+
+    async def run() -> None:
+        async with local_chat.local_engine(loaded, threads=args.threads) as engine:
+            banner = f"{loaded.name} v{loaded.version} in-process (context {engine.context_length} tokens)"
+            await local_chat.chat(engine, params, stdin=sys.stdin, out=sys.stdout, system=args.system, banner=banner)
+
+    asyncio.run(run())
+    return 0
+
+
+def _add_sampling_arguments(parser: argparse.ArgumentParser, *, stop: bool) -> None:
+    from app.text.sampling import DEFAULT_MAX_TOKENS
+
+    parser.add_argument("--max-tokens", type=int, default=DEFAULT_MAX_TOKENS, help="most tokens to generate")
+    parser.add_argument("--temperature", type=float, default=None,
+                        help="0 = greedy; default: the model's recommended 0.2")
+    parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default 0.9")
+    parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = no limit)")
+    parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    if stop:
+        parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
+                            help="stop before this text (repeatable; may span tokens)")
+    parser.add_argument("--system", default=None,
+                        help="system prompt (default: the chat template's own, if it has one)")
+    parser.add_argument("--version", type=int, default=None, help="model version (default: the default one)")
+    parser.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="brook", description="Brook: real-time inference server.")
     parser.add_argument("--model-dir", type=Path, default=default_model_dir(),
@@ -175,12 +254,30 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     transcribe.add_argument("--json", action="store_true", help="print JSON with segments")
     transcribe.set_defaults(handler=_cmd_transcribe)
+
+    generate = commands.add_parser("generate", help="generate text with a local language model, streamed to stdout")
+    generate.add_argument("prompt", help="the user's message (or, with --no-template, the text to continue)")
+    generate.add_argument("--model", default="smollm2-135m-instruct")
+    _add_sampling_arguments(generate, stop=True)
+    generate.add_argument("--no-template", action="store_true",
+                          help="continue the prompt as raw text instead of rendering it with the chat template")
+    generate.add_argument("--json", action="store_true",
+                          help="one JSON record per token delta, then a usage/timings record")
+    generate.set_defaults(handler=_cmd_generate, quiet_logging=True)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat in the terminal (local model or --url)")
+    chat.add_argument("--url", default=None,
+                      help="chat with a running server's /v1/chat (ws://HOST:PORT/v1/chat) instead of in-process")
+    chat.add_argument("--token", default=os.environ.get("BROOK_TOKEN"), help="API key for --url (env BROOK_TOKEN)")
+    chat.add_argument("--model", default=None, help="model (default: smollm2-135m-instruct, or the server's)")
+    _add_sampling_arguments(chat, stop=False)
+    chat.set_defaults(handler=_cmd_chat, quiet_logging=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    _configure_logging(args.verbose, quiet=getattr(args, "quiet_logging", False))
     try:
         code: int = args.handler(args)
     except BrookError as exc:

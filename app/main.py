@@ -15,8 +15,9 @@ from starlette.staticfiles import StaticFiles
 from app.config import Settings
 from app.errors import BrookError
 from app.repository import ModelRepository
-from app.server import http_api
+from app.server import http_api, kserve_api, openai_api
 from app.server.metrics import Metrics
+from app.server.openai_realtime import realtime_endpoint
 from app.server.registry import ModelRegistry
 from app.server.state import ServerState
 from app.server.ws_chat import chat_endpoint
@@ -65,6 +66,10 @@ def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> 
         Route("/v1/models/{name}/unload", http_api.unload_model, methods=["POST"]),
         WebSocketRoute("/v1/listen", listen_endpoint),
         WebSocketRoute("/v1/chat", chat_endpoint),
+        Route("/v1/chat/completions", openai_api.chat_completions, methods=["POST"]),
+        Route("/v1/completions", openai_api.completions, methods=["POST"]),
+        WebSocketRoute("/v1/realtime", realtime_endpoint),
+        *kserve_api.routes(),
     ]
     if WEB_DIR.is_dir():
         routes.append(Mount("/", app=StaticFiles(directory=WEB_DIR, html=True), name="web"))

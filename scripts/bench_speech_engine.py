@@ -7,13 +7,13 @@ cut to ``--seconds`` and started at a staggered offset) in ``--chunk-ms`` chunks
 - partial latency p50/p95: from the push of the last audio a partial covers to the partial being queued;
 - final latency p50/p95: from the moment the end of speech was knowable (the audio completing the silence was
   pushed, or end() was called) to the final being queued;
-- RTF: seconds the inference thread was busy / seconds of audio streamed (all streams); above 1/N... the engine
-  cannot keep up when busy time exceeds wall time (``busy %`` near 100);
-- drain: seconds from the last end() to the last StreamEnded (how far behind real time the engine fell);
-- partials per stream and batch sizes seen by the encoder.
+- RTF: seconds the inference thread was busy / seconds of audio streamed by all streams; ``busy %`` is the busy
+  time over the wall time: near 100 the engine is saturated, sheds late partials and lets finals queue;
+- drain: the longest wait from a stream's end() to its StreamEnded (how far behind real time the engine fell);
+- partials received per stream, and the mean encoder batch size.
 
-    .venv/bin/python scripts/bench_speech_engine.py [--streams 1,4,8,16] [--seconds 30] [--chunk-ms 100]
-        [--whisper-dir DIR]
+    .venv/bin/python -m scripts.bench_speech_engine [--streams 1,4,8,16] [--seconds 30] [--chunk-ms 100]
+        [--whisper-dir DIR] [--final-windows default|full|bucketed]
 
 Whisper tiny.en comes from the model repository unless ``--whisper-dir`` (or ``$BROOK_WHISPER_MODEL_DIR``) names a
 converted folder with ``config.json`` or ``manifest.json``.
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -118,10 +119,15 @@ async def stream_one(engine: SpeechEngine, audio: np.ndarray, delay_s: float, ch
 
 
 async def run_level(
-    whisper: WhisperRunner, vad: VadRunner, clips: list[np.ndarray], n_streams: int, chunk: int
+    whisper: WhisperRunner,
+    vad: VadRunner,
+    clips: list[np.ndarray],
+    n_streams: int,
+    chunk: int,
+    settings: SpeechEngineSettings,
 ) -> dict[str, float]:
     observer = Observer()
-    engine = SpeechEngine(whisper, vad, SpeechEngineSettings(), observer)
+    engine = SpeechEngine(whisper, vad, settings, observer)
     await engine.start()
     try:
         wall = time.monotonic()
@@ -153,6 +159,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=30.0, help="audio per stream")
     parser.add_argument("--chunk-ms", type=int, default=100, help="audio per push")
     parser.add_argument("--whisper-dir", default=None, help="converted Whisper folder (default: the repository)")
+    parser.add_argument(
+        "--final-windows", choices=("default", "full", "bucketed"), default="default", help="window size of finals"
+    )
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
 
@@ -163,15 +172,22 @@ def main() -> int:
     limit = int(args.seconds * SAMPLE_RATE_HZ)
     clips = [np.asarray(sf.read(paths[name], dtype="float32")[0][:limit], dtype=np.float32) for name in CLIP_NAMES]
     chunk = args.chunk_ms * SAMPLE_RATE_HZ // 1000
+    settings = SpeechEngineSettings()
+    if args.final_windows != "default":
+        full = args.final_windows == "full"
+        settings = dataclasses.replace(settings, decode=dataclasses.replace(settings.decode, final_full_window=full))
 
     header = (
         f"{'N':>3} {'partial p50':>11} {'p95':>6} {'final p50':>9} {'p95':>6} {'RTF':>6} {'busy%':>6} "
         f"{'drain s':>7} {'partials/stream':>15} {'enc batch':>9}"
     )
-    print(f"{args.seconds:.0f} s per stream, {args.chunk_ms} ms chunks, real-time pace; latencies in seconds")
+    print(
+        f"{args.seconds:.0f} s per stream, {args.chunk_ms} ms chunks, real-time pace, final windows "
+        f"{'full' if settings.decode.final_full_window else 'bucketed'}; latencies in seconds"
+    )
     print(header)
     for level in (int(value) for value in args.streams.split(",")):
-        row = asyncio.run(run_level(whisper, vad, clips, level, chunk))
+        row = asyncio.run(run_level(whisper, vad, clips, level, chunk, settings))
         print(
             f"{row['streams']:>3.0f} {row['partial_p50']:>11.2f} {row['partial_p95']:>6.2f} {row['final_p50']:>9.2f} "
             f"{row['final_p95']:>6.2f} {row['rtf']:>6.3f} {row['busy_pct']:>6.1f} {row['drain_s']:>7.2f} "

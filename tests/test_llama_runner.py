@@ -1,23 +1,26 @@
 """LlamaRunner: batching rows of different lengths over one shared KV cache, slot management, and call planning.
 
 Synthetic-model tests run at accuracy_level 0, where the graph is exact up to fp32 summation order, and compare
-every row against the numpy reference with its own cache. SmolLM2 tests run at the default level.
+every row against the numpy reference with its own cache. Batch invariance (a row's results do not depend on the
+rows that share its call) is checked bitwise on the synthetic model at accuracy_level 4, whose int8 activations
+otherwise amplify float rounding differences, and on SmolLM2 at the default level with greedy continuations.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from app.convert.gguf_model import GGUFModel
 from app.convert.llama import DEFAULT_ACCURACY_LEVEL, build_llama_onnx
 from app.text.kv_cache import KVCapacityError, SlotError
-from app.text.llama_runner import LlamaRunner, StepInput, plan_calls
+from app.text.llama_runner import MIN_CHUNK_TOKENS, LlamaRunner, StepInput, plan_calls
 from tests.reference_llama import ReferenceCache, ReferenceLlama, use_single_blas_thread
 from tests.smollm2_fixtures import CHAT_PROMPTS, converted_smollm2
 from tests.synthetic_llama_gguf import MIXED_TYPES, write_synthetic_gguf
@@ -35,6 +38,14 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, obje
     write_synthetic_gguf(directory / "model.gguf", MIXED_TYPES, seed=3)
     config = build_llama_onnx(GGUFModel(directory / "model.gguf"), directory, {"accuracy_level": 0})
     return directory, config, ReferenceLlama.from_gguf(directory / "model.gguf")
+
+
+@pytest.fixture(scope="module")
+def tiny_int8(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, object]]:
+    """The same synthetic model at accuracy_level 4 (int8 activations), where batch invariance must be bitwise."""
+    directory = tmp_path_factory.mktemp("tiny_int8")
+    write_synthetic_gguf(directory / "model.gguf", MIXED_TYPES, seed=3)
+    return directory, build_llama_onnx(GGUFModel(directory / "model.gguf"), directory, {"accuracy_level": 4})
 
 
 @pytest.fixture
@@ -58,14 +69,16 @@ def _tokens(seed: int, n: int) -> list[int]:
 @settings(max_examples=200, deadline=None)
 @given(data=st.data())
 def test_plan_covers_each_row_once_with_valid_ranges(data: st.DataObject) -> None:
-    capacity = 40
-    lengths = np.array(data.draw(st.lists(st.integers(0, capacity - 1), min_size=8, max_size=8)))
+    max_seq_len = 40
+    capacity = max_seq_len + MIN_CHUNK_TOKENS - 1  # the runner's KV buffers keep spare positions for padding
+    lengths = np.array(data.draw(st.lists(st.integers(0, max_seq_len), min_size=8, max_size=8)))
     slots = data.draw(st.lists(st.integers(0, 7), unique=True, min_size=1, max_size=8))
-    n_new = [data.draw(st.integers(1, capacity - int(lengths[s]))) for s in slots]
+    assume(all(lengths[s] < max_seq_len for s in slots))
+    n_new = [data.draw(st.integers(1, max_seq_len - int(lengths[s]))) for s in slots]
     plans = plan_calls(slots, n_new, lengths, capacity)
     assert sorted(r for plan in plans for r in plan.rows) == list(range(len(slots)))
     for plan in plans:
-        assert plan.chunk == max(n_new[r] for r in plan.rows)
+        assert plan.chunk == max(MIN_CHUNK_TOKENS, *(n_new[r] for r in plan.rows))
         assert [slots[r] for r in plan.rows] == sorted(slots[r] for r in plan.rows)
         assert plan.first_slot == slots[plan.rows[0]] and plan.end_slot == slots[plan.rows[-1]] + 1
         in_call = {slots[r] for r in plan.rows}
@@ -79,7 +92,7 @@ def test_plan_runs_a_long_prompt_apart_from_many_decodes() -> None:
     slots = list(range(32))
     n_new = [1] * 31 + [200]
     plans = plan_calls(slots, n_new, lengths, 1024)
-    assert [(p.first_slot, p.end_slot, p.chunk) for p in plans] == [(0, 31, 1), (31, 32, 200)]
+    assert [(p.first_slot, p.end_slot, p.chunk) for p in plans] == [(0, 31, MIN_CHUNK_TOKENS), (31, 32, 200)]
     mixed = plan_calls([0, 1, 2], [1, 3, 1], lengths, 1024)
     assert [(p.first_slot, p.end_slot, p.chunk) for p in mixed] == [(0, 3, 3)]
 
@@ -171,6 +184,146 @@ def test_random_schedules_match_reference(
             np.testing.assert_allclose(logits[row], expected, atol=TOLERANCE, rtol=0)
 
 
+# -- batch invariance --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SequenceScript:
+    """A sequence in a mixed schedule: from global step ``start`` it feeds its prompt chunks, one per step, and then
+    its greedy tokens one at a time, until it has produced ``n_generate`` tokens."""
+
+    start: int
+    chunks: tuple[tuple[int, ...], ...]
+    n_generate: int
+
+
+@dataclass
+class SequenceRun:
+    """What one sequence saw: its logits after each of its rows and the greedy tokens it produced."""
+
+    logits: list[np.ndarray]
+    tokens: list[int]
+
+
+def _next_input(script: SequenceScript, run: SequenceRun) -> list[int] | None:
+    """The sequence's next row, or None once it has produced all its tokens."""
+    if len(run.tokens) >= script.n_generate:
+        return None
+    done = len(run.logits)
+    if done < len(script.chunks):
+        return list(script.chunks[done])
+    return [run.tokens[-1]]
+
+
+def _record(run: SequenceRun, script: SequenceScript, logits: np.ndarray) -> None:
+    run.logits.append(logits.copy())
+    if len(run.logits) >= len(script.chunks):  # the whole prompt is in: every row from now on yields a token
+        run.tokens.append(int(np.argmax(logits)))
+
+
+def _run_alone(runner: LlamaRunner, script: SequenceScript) -> SequenceRun:
+    run = SequenceRun([], [])
+    slot = runner.allocate_slot()
+    while (row := _next_input(script, run)) is not None:
+        _record(run, script, runner.step([StepInput(slot, row)])[0])
+    runner.free_slot(slot)
+    return run
+
+
+def _run_together(runner: LlamaRunner, scripts: Sequence[SequenceScript]) -> tuple[list[SequenceRun], int]:
+    """Run the scripts interleaved, one ``runner.step`` per global step; also count the steps that mixed a row with
+    a cached past and fewer tokens than another row of the same session call (the case that must stay exact)."""
+    runs = [SequenceRun([], []) for _ in scripts]
+    slots: dict[int, int] = {}
+    mixed_calls = 0
+    step = 0
+    while True:
+        rows = []
+        for index, (script, run) in enumerate(zip(scripts, runs, strict=True)):
+            row = _next_input(script, run) if step >= script.start else None
+            if row is not None:
+                if index not in slots:
+                    slots[index] = runner.allocate_slot()
+                rows.append((index, row))
+        if not rows and step > max(script.start for script in scripts):
+            break
+        step += 1
+        if not rows:
+            continue
+        batch = [StepInput(slots[index], row) for index, row in rows]
+        lengths = runner.cache.lengths(0, runner.cache.layout.max_batch_size)
+        n_new = [len(row) for _, row in rows]
+        for plan in plan_calls([b.slot for b in batch], n_new, lengths, runner.cache.layout.buffer_tokens):
+            chunk = max(n_new[r] for r in plan.rows)
+            mixed_calls += any(lengths[batch[r].slot] > 0 and n_new[r] < chunk for r in plan.rows)
+        logits = runner.step(batch)
+        for (index, _), row_logits in zip(rows, logits, strict=True):
+            _record(runs[index], scripts[index], row_logits)
+    for slot in slots.values():
+        runner.free_slot(slot)
+    return runs, mixed_calls
+
+
+def _check_together_equals_alone(
+    runner: LlamaRunner, scripts: Sequence[SequenceScript], assert_logits: Callable[[np.ndarray, np.ndarray], None]
+) -> None:
+    alone = [_run_alone(runner, script) for script in scripts]
+    together, mixed_calls = _run_together(runner, scripts)
+    assert mixed_calls >= 3, "the schedule should pad rows that have a past in several mixed calls"
+    for index, (single, batched) in enumerate(zip(alone, together, strict=True)):
+        assert batched.tokens == single.tokens, f"sequence {index}: greedy tokens differ"
+        assert len(batched.logits) == len(single.logits)
+        for batched_logits, single_logits in zip(batched.logits, single.logits, strict=True):
+            assert_logits(batched_logits, single_logits)
+
+
+def _mixed_scripts(prompts: Sequence[Sequence[int]], n_generate: int) -> list[SequenceScript]:
+    """Decodes with a past next to longer prefills and to a continued prompt chunk, in several steps."""
+    first, second, third, fourth = (tuple(p) for p in prompts[:4])
+    return [
+        SequenceScript(0, (first,), n_generate),  # decodes from step 1 on, padded in every mixed step below
+        SequenceScript(2, (second,), n_generate),  # a prompt next to one decode with a past
+        SequenceScript(4, (third[:6], third[6:]), n_generate),  # a chunk with a past, longer than the decodes
+        SequenceScript(7, (fourth,), n_generate),  # a prompt next to three decodes
+    ]
+
+
+def test_decode_rows_with_a_past_next_to_longer_rows_equal_each_row_alone(
+    tiny_int8: tuple[Path, dict[str, object]],
+) -> None:
+    directory, config = tiny_int8
+    runner = LlamaRunner(directory, config, max_batch_size=MAX_BATCH, max_seq_len=MAX_SEQ_LEN)
+    prompts = [_tokens(40, 12), _tokens(41, 8), _tokens(42, 13), _tokens(43, 10)]
+    _check_together_equals_alone(runner, _mixed_scripts(prompts, 20), np.testing.assert_array_equal)
+
+
+def test_mixed_steps_match_reference(runner: LlamaRunner, reference: ReferenceLlama) -> None:
+    prompts = [_tokens(50, 12), _tokens(51, 8), _tokens(52, 13), _tokens(53, 10)]
+    together, mixed_calls = _run_together(runner, _mixed_scripts(prompts, 8))
+    assert mixed_calls >= 3
+    for prompt, run in zip(prompts, together, strict=True):
+        cache = ReferenceCache()
+        expected = [reference.forward(prompt, cache)[-1]] + [reference.forward([t], cache)[-1] for t in run.tokens[:-1]]
+        np.testing.assert_allclose(run.logits[-len(expected) :], expected, atol=TOLERANCE, rtol=0)
+
+
+def test_a_slot_fills_to_max_seq_len_next_to_other_rows(runner: LlamaRunner, reference: ReferenceLlama) -> None:
+    """The last token of a full slot still gets a padded chunk; the spare buffer position is never written."""
+    long_prompt, short_prompt = _tokens(60, MAX_SEQ_LEN - 2), _tokens(61, 3)
+    full, other = runner.allocate_slot(), runner.allocate_slot()
+    runner.step([StepInput(full, long_prompt)])
+    for token in (7, 8):  # the first decode runs alone, the second next to a 3-token prompt
+        batch = [StepInput(full, [token])] + ([StepInput(other, short_prompt)] if token == 8 else [])
+        logits = runner.step(batch)
+    assert runner.slot_length(full) == MAX_SEQ_LEN
+    np.testing.assert_allclose(logits[0], reference.forward([*long_prompt, 7, 8])[-1], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(logits[1], reference.forward(short_prompt)[-1], atol=TOLERANCE, rtol=0)
+    for buffer in (*runner.cache.keys, *runner.cache.values):
+        assert not buffer[:, :, MAX_SEQ_LEN:].any(), "GroupQueryAttention wrote into the spare positions"
+    with pytest.raises(KVCapacityError):
+        runner.step([StepInput(full, [9])])
+
+
 def test_slot_errors_leave_the_cache_unchanged(runner: LlamaRunner) -> None:
     slot = runner.allocate_slot()
     runner.step([StepInput(slot, [1, 2, 3])])
@@ -236,6 +389,16 @@ def test_smollm2_batched_equals_alone(smollm2_runner: LlamaRunner) -> None:
     assert _greedy(smollm2_runner, slots, logits, 20) == alone_tokens
     for slot in slots:
         smollm2_runner.free_slot(slot)
+
+
+def test_smollm2_decodes_next_to_longer_rows_equal_each_row_alone(smollm2_runner: LlamaRunner) -> None:
+    """The engine's mixed steps: greedy replies and every logit equal the same sequences run alone."""
+    prompts = [CHAT_PROMPTS[0], CHAT_PROMPTS[4], CHAT_PROMPTS[2], CHAT_PROMPTS[3]]
+
+    def close(batched: np.ndarray, single: np.ndarray) -> None:
+        np.testing.assert_allclose(batched, single, atol=TOLERANCE, rtol=0)
+
+    _check_together_equals_alone(smollm2_runner, _mixed_scripts(prompts, 20), close)
 
 
 def test_smollm2_prefill_in_two_steps_equals_one(smollm2_runner: LlamaRunner) -> None:

@@ -167,6 +167,18 @@ def test_newer_partial_replaces_the_waiting_one_and_a_final_makes_partials_stale
     assert [item.kind for item in group.items] == ["final"]
 
 
+def test_stale_partials_are_dropped_but_finals_never() -> None:
+    scheduler = make_scheduler()
+    for name in "ab":
+        scheduler.add_stream(name, TOY)
+        scheduler.push(name, 1000)
+    scheduler.apply_vad("a", [S] * 8)  # partial due
+    scheduler.apply_vad("b", [S] * 4 + [Q] * 5)  # final due
+    [group] = scheduler.plan_decodes(is_stale=lambda item: True)
+    assert [(item.stream_id, item.kind) for item in group.items] == [("b", "final")]
+    assert scheduler.plan_decodes() == []  # the stale partial is gone, not postponed
+
+
 def test_a_removed_stream_drops_its_work() -> None:
     scheduler = make_scheduler()
     scheduler.add_stream("a", TOY)

@@ -30,6 +30,7 @@ from tests.conftest import missing
 MODEL_NAME = "smollm2-135m-instruct"
 MODEL_DIR_ENV = "BROOK_LLM_MODEL_DIR"
 DEFAULT_FALLBACK_DIR = "/tmp/brook-llm/1"
+INT8_VERSION = 2  # the repository's version converted with int8 activations (accuracy_level 4)
 RUNNER_SLOTS = 8
 RUNNER_MAX_SEQ_LEN = 1024
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -55,17 +56,26 @@ def _fallback_model() -> tuple[Path, dict[str, Any]] | None:
     return None
 
 
-def load_llm() -> tuple[Path, dict[str, Any]]:
-    """The converted SmolLM2 folder and its config: from the model repository, else ``$BROOK_LLM_MODEL_DIR``."""
+def load_llm(version: int | None = None, accuracy_level: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """The converted SmolLM2 folder and its config: a version from the model repository (its default one unless
+    ``version``), else ``$BROOK_LLM_MODEL_DIR`` if that folder was converted at ``accuracy_level`` (when given)."""
     try:
-        loaded = ModelRepository(default_model_dir()).load(MODEL_NAME, check_hashes=False)
+        loaded = ModelRepository(default_model_dir()).load(MODEL_NAME, version, check_hashes=False)
         return loaded.directory, dict(loaded.manifest.config)
     except ModelError as error:
         reason = str(error)
     fallback = _fallback_model()
-    if fallback is None or not (fallback[0] / TOKENIZER_FILE_NAME).is_file():
-        missing(f"{MODEL_NAME} is not in the model repository ({reason}) and ${MODEL_DIR_ENV} "
-                f"({os.environ.get(MODEL_DIR_ENV, DEFAULT_FALLBACK_DIR)}) has no converted model")
+    if (
+        fallback is None
+        or not (fallback[0] / TOKENIZER_FILE_NAME).is_file()
+        or (accuracy_level is not None and fallback[1].get("accuracy_level") != accuracy_level)
+    ):
+        level = "" if accuracy_level is None else f" at accuracy_level {accuracy_level}"
+        missing(
+            f"{MODEL_NAME} (version {version or 'default'}) is not in the model repository ({reason}) and "
+            f"${MODEL_DIR_ENV} ({os.environ.get(MODEL_DIR_ENV, DEFAULT_FALLBACK_DIR)}) has no model "
+            f"converted{level}"
+        )
         raise AssertionError("unreachable")
     return fallback
 
@@ -78,13 +88,31 @@ class Model:
     config: dict[str, Any]
 
 
-@pytest.fixture(scope="module")
-def model() -> Model:
-    directory, config = load_llm()
-    runner = LlamaRunner(directory, config, intra_op_threads=2, max_batch_size=RUNNER_SLOTS,
-                         max_seq_len=RUNNER_MAX_SEQ_LEN)
+def _build_model(directory: Path, config: dict[str, Any]) -> Model:
+    runner = LlamaRunner(
+        directory, config, intra_op_threads=2, max_batch_size=RUNNER_SLOTS, max_seq_len=RUNNER_MAX_SEQ_LEN
+    )
     tokenizer = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config)
     return Model(runner, tokenizer, ChatTemplate(config["chat_template"]), config)
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return _build_model(*load_llm())
+
+
+@pytest.fixture(scope="module")
+def int8_model() -> Model:
+    """Version 2: int8 activations (accuracy_level 4), where float rounding differences between batch layouts would
+    grow to whole logits, so batching must not change a row's numbers at all."""
+    return _build_model(*load_llm(INT8_VERSION, accuracy_level=4))
+
+
+@pytest.fixture(params=["model", "int8_model"])
+def any_model(request: pytest.FixtureRequest) -> Model:
+    """Each model version the batching tests run on."""
+    loaded: Model = request.getfixturevalue(request.param)
+    return loaded
 
 
 class StepRecorder:
@@ -105,8 +133,9 @@ class StepRecorder:
 async def running_engine(
     model: Model, runner: Any = None, observer: StepRecorder | None = None, **settings: Any
 ) -> AsyncIterator[TextEngine]:
-    engine = TextEngine(runner or model.runner, model.tokenizer, model.template, model.config,
-                        TextEngineSettings(**settings), observer)
+    engine = TextEngine(
+        runner or model.runner, model.tokenizer, model.template, model.config, TextEngineSettings(**settings), observer
+    )
     await engine.start()
     try:
         yield engine
@@ -209,7 +238,9 @@ def test_reset_forgets_history_and_frees_the_slot(model: Model) -> None:
 # -- batching ------------------------------------------------------------------------------------------------------
 
 
-def test_concurrent_greedy_requests_equal_the_same_requests_alone(model: Model) -> None:
+def test_concurrent_greedy_requests_equal_the_same_requests_alone(any_model: Model) -> None:
+    model = any_model
+
     async def scenario() -> None:
         recorder = StepRecorder()
         async with running_engine(model, observer=recorder, max_batch_size=8, prefill_chunk_tokens=64) as engine:
@@ -222,6 +253,80 @@ def test_concurrent_greedy_requests_equal_the_same_requests_alone(model: Model) 
             for prompt, single, batched in zip(PROMPTS, alone, together, strict=True):
                 assert batched.text == single.text, prompt
                 assert batched.done.usage == single.done.usage
+
+    run(scenario())
+
+
+class RecordingRunner:
+    """Delegates to the real runner, counts ``step`` calls and keeps the logits each slot's rows got."""
+
+    def __init__(self, runner: LlamaRunner) -> None:
+        self.runner = runner
+        self.steps = 0
+        self.logits: dict[int, list[np.ndarray]] = {}
+        self.first_slot: int | None = None  # the slot of the first row since the last ``clear``
+
+    def clear(self) -> None:
+        self.steps = 0
+        self.logits = {}
+        self.first_slot = None
+
+    def allocate_slot(self) -> int:
+        return self.runner.allocate_slot()
+
+    def free_slot(self, slot: int) -> None:
+        self.runner.free_slot(slot)
+
+    def truncate(self, slot: int, length: int) -> None:
+        self.runner.truncate(slot, length)
+
+    def step(self, batch: Sequence[StepInput]) -> np.ndarray:
+        self.steps += 1
+        logits = self.runner.step(batch)
+        if self.first_slot is None:
+            self.first_slot = batch[0].slot
+        for row, item in enumerate(batch):
+            self.logits.setdefault(item.slot, []).append(logits[row].copy())
+        return logits
+
+
+def test_a_long_reply_is_unchanged_by_prompts_arriving_while_it_decodes(any_model: Model) -> None:
+    """New chats' prompt chunks share steps with the reply's decode rows (padded to the chunk, with a cached past);
+    the reply's every logit equals that of the reply alone, and each engine step is one runner call."""
+    model = any_model
+    story = SamplingParams(temperature=0.0, max_tokens=48)
+    prompt = "The history of the Roman Empire"
+
+    async def scenario() -> None:
+        recorder = StepRecorder()
+        runner = RecordingRunner(model.runner)
+        async with running_engine(model, runner=runner, observer=recorder, prefill_chunk_tokens=64) as engine:
+            runner.clear()
+            alone = await collect(engine.complete(prompt, story))
+            assert runner.first_slot is not None
+            alone_logits = runner.logits[runner.first_slot]
+            recorder.steps.clear()
+            runner.clear()
+            texts: list[str] = []
+            dones: list[GenerationDone] = []
+            arrivals: list[asyncio.Task[Reply]] = []
+            async for event in engine.complete(prompt, story):
+                if isinstance(event, TokenDelta):
+                    texts.append(event.text)
+                    if len(texts) in (2, 5, 9) and len(arrivals) < 3:  # each arrival prefills next to the reply
+                        arrivals.append(asyncio.create_task(chat_once(engine, PROMPTS[len(arrivals)])))
+                else:
+                    dones.append(event)
+            await asyncio.gather(*arrivals)
+            assert len(arrivals) == 3
+            assert sum(1 for step in recorder.steps if step[1] > 0 and step[2] > 0) >= 3  # mixed steps
+            assert runner.steps == len(recorder.steps)  # one runner.step per engine step
+            assert runner.first_slot is not None
+            mixed_logits = runner.logits[runner.first_slot]
+            assert len(mixed_logits) == len(alone_logits)
+            np.testing.assert_allclose(np.stack(mixed_logits), np.stack(alone_logits), atol=1e-3, rtol=0)
+            assert "".join(texts) == alone.text
+            assert dones[0].usage == alone.done.usage
 
     run(scenario())
 
@@ -276,8 +381,9 @@ def test_characters_split_over_tokens_arrive_whole(model: Model) -> None:
 def test_max_tokens_gives_length(model: Model) -> None:
     async def scenario() -> None:
         async with running_engine(model) as engine:
-            reply = await chat_once(engine, "Count from one to one hundred in words.",
-                                    SamplingParams(temperature=0.0, max_tokens=5))
+            reply = await chat_once(
+                engine, "Count from one to one hundred in words.", SamplingParams(temperature=0.0, max_tokens=5)
+            )
             assert reply.done.finish_reason == "length" and reply.done.usage.completion_tokens == 5
 
     run(scenario())
@@ -304,8 +410,11 @@ def test_cancel_mid_reply(model: Model) -> None:
     async def scenario() -> None:
         async with running_engine(model) as engine:
             conversation = engine.open_conversation()
-            generation = engine.chat(conversation, [("user", "Tell me a long story about a dragon.")],
-                                     SamplingParams(temperature=0.0, max_tokens=200))
+            generation = engine.chat(
+                conversation,
+                [("user", "Tell me a long story about a dragon.")],
+                SamplingParams(temperature=0.0, max_tokens=200),
+            )
             received: list[str] = []
             done: GenerationDone | None = None
             async for event in generation:
@@ -322,8 +431,9 @@ def test_cancel_mid_reply(model: Model) -> None:
             assert engine.slots_in_use == 1  # the conversation keeps its cache for the next turn
             with pytest.raises(RuntimeError, match="iterated only once"):
                 generation.__aiter__()
-            follow_up = await collect(engine.chat(conversation, [("user", "Shorter, please.")],
-                                                  SamplingParams(temperature=0.0, max_tokens=4)))
+            follow_up = await collect(
+                engine.chat(conversation, [("user", "Shorter, please.")], SamplingParams(temperature=0.0, max_tokens=4))
+            )
             assert follow_up.done.usage.cached_tokens > done.usage.prompt_tokens
 
     run(scenario())
@@ -472,8 +582,10 @@ def test_a_crashed_step_loop_fails_every_pending_generation(model: Model) -> Non
     async def scenario() -> None:
         runner = ExplodingRunner(model.runner)
         async with running_engine(model, runner=runner) as engine:
-            generations = [engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=100))
-                           for prompt in ("Once upon a time", "The history of Rome", "My favourite recipe is")]
+            generations = [
+                engine.complete(prompt, SamplingParams(temperature=0.0, max_tokens=100))
+                for prompt in ("Once upon a time", "The history of Rome", "My favourite recipe is")
+            ]
             first = await generations[0].__aiter__().__anext__()
             assert isinstance(first, TokenDelta)
             runner.explode = True

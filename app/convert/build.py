@@ -95,14 +95,17 @@ def build_version(spec: ModelSpec, version: int, *, force: bool = False, cache: 
         return BuildResult(spec.name, version, False, time.perf_counter() - started, final_dir)
     vspec = spec.version_spec(version)
     if vspec.converter is None:
-        raise FetchError(
-            f"{spec.name} v{version} has no converter in model.toml and no valid manifest; "
-            "place its files in the version folder (see docs/models.md)"
-        )
-    if spec.source is None:
-        raise FetchError(f"{spec.name} v{version}: converter {vspec.converter!r} needs a [source] in model.toml")
+        if spec.task != "generic":
+            raise FetchError(
+                f"{spec.name} v{version} has no converter in model.toml and no valid manifest; "
+                "place its files in the version folder (see docs/models.md)"
+            )
+        from app.convert.generic_onnx import import_onnx_version
+
+        import_onnx_version(spec, version)  # a hand-dropped ONNX file: write its manifest
+        return BuildResult(spec.name, version, True, time.perf_counter() - started, final_dir)
     ref = converter(vspec.converter)
-    files = extract_sources(spec.source, cache)
+    files = extract_sources(spec.source, cache) if spec.source else {}
     building = spec.directory / f".{version}.building"
     shutil.rmtree(building, ignore_errors=True)
     building.mkdir(parents=True)

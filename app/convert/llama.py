@@ -22,6 +22,8 @@ Graph (one call = one batch over a contiguous range of KV-cache slots, see ``app
 
 The new tokens of all rows are packed (``T`` tokens), so the projections and the MLP never see padding. Only the
 attention works on the right-padded ``[B, S]`` layout that GroupQueryAttention's ``query_seqlens`` input expects.
+The runner keeps ``S >= 2`` even for a call of decode rows only: onnxruntime's CPU kernel rounds a one-token row
+differently at ``S = 1``, and with int8 activations that would make a row's logits depend on its batch neighbours.
 """
 
 from __future__ import annotations
@@ -180,7 +182,7 @@ class _LlamaGraph:
 
     def _make_rms_norm(self, x: str, weight: str) -> str:
         """RMSNorm from basic ops (used once, before layer 0; later norms are fused with the residual add)."""
-        eps = self.g.const([self.params.rms_eps], np.float32)
+        eps = self.g.const(np.array([self.params.rms_eps], np.float32), np.float32)
         variance = self.g.op1("ReduceMean", [self.g.op1("Mul", [x, x])], axes=[-1], keepdims=1)
         inv_rms = self.g.op1("Reciprocal", [self.g.op1("Sqrt", [self.g.op1("Add", [variance, eps])])])
         return self.g.op1("Mul", [self.g.op1("Mul", [x, inv_rms]), weight])

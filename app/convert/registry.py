@@ -29,11 +29,17 @@ class ConverterRef:
 
 CONVERTERS: dict[str, ConverterRef] = {
     "whisper-ct2": ConverterRef(
-        "app.convert.whisper", "convert_whisper", "1", "Whisper from a CTranslate2 model.bin to encoder/decoder ONNX"
+        "app.convert.whisper", "convert_whisper", "3", "Whisper from a CTranslate2 model.bin to encoder/decoder ONNX"
     ),
     "silero-vad": ConverterRef("app.convert.silero", "convert_silero_vad", "1", "Silero VAD ONNX, checked and copied"),
     "llama-gguf": ConverterRef(
         "app.convert.llama", "convert_llama_gguf", "1", "Llama-family GGUF to ONNX (exact quantized weights)"
+    ),
+    "onnx-file": ConverterRef(
+        "app.convert.generic_onnx", "convert_onnx_file", "1", "A ready-made ONNX file, checked and copied (generic)"
+    ),
+    "sklearn-rainfall": ConverterRef(
+        "app.convert.rainfall", "convert_rainfall", "1", "Train the scikit-learn rainfall model and export it to ONNX"
     ),
 }
 

@@ -13,13 +13,32 @@ Shape (the vLLM/sherpa pattern, see /work/shared/STYLE.md section 6):
   and decoder call per group of equal window length.
 - Nothing reaches Whisper without the VAD: silence and noise cost only VAD calls and produce no events.
 
-Windows (measured on this 2-core machine, whisper-tiny-en fp32, see the report of scripts/bench_speech_engine.py):
-finals use the full 30 s window, as offline transcription does: bucketed short windows made the decoder loop on
-8 of 36 utterances of the test recordings (word error rate against offline transcription 2.0 on meeting_60s, against
-0.46 with full windows), and the guards below could only cut those loops, not recover the words. Partials use
-windows sized to the audio plus ``pad_s`` of padding, rounded up to ``bucket_s`` (2 s), so streams whose utterances
-are about as long share an encoder call and a partial costs a fraction of a full window; their loops are cut by the
-guards in ``app.engine.speech_decode`` (token limit by duration, repeated n-gram collapse, compression ratio).
+Windows. Measured on this shared 2-core machine (whisper-tiny-en v1 fp32, the decode guards of
+``app.engine.speech_decode`` on; utterances cut by this engine's VAD segmentation from the test recordings;
+word error rates against offline ``transcribe`` of the whole file):
+
+- Every window is the audio + ``pad_s`` (2 s) of zero padding, at least ``min_window_s`` (10 s), rounded up to
+  ``bucket_s`` (2 s): utterances up to 8 s long all share the 1000-frame window, so partials and finals of every
+  stream land in one batched encoder call per step (finals and partials then decode in separate batched calls,
+  finals with timestamps as offline, partials without).
+- Finals. On 28 utterances of telephone, meeting_60s, meeting_tst00 and meeting_dev00: the full 30 s window (as
+  offline) took 14.6 s in all, hit the token limit once, WER 0.14 / 0.46 / 0.71 / 0.42 (mean 0.43); these
+  windows (1057 frames on average) 9.2 s, 3 times, WER 0.16 / 0.46 / 0.66 / 0.47 (mean 0.44); the audio + 3 s
+  without a minimum (836 frames) 8.5 s, 3 times, WER 0.19 / 0.49 / 0.82 / 0.51. With 4 live streams the full
+  windows raised the busy time per audio second from 0.55 to 0.67 (scripts/bench_speech_engine.py
+  ``--final-windows``), so finals are bucketed too; ``DecodePolicy.final_full_window`` restores offline windows.
+  Without the guards, windows of the audio + 1 s made the decoder loop to 224 tokens on 8 of 36 utterances.
+- Partials. Over 160 partial positions (error = word edits between a partial and the
+  closest prefix of its final, per partial word): 1 s padding 0.39 with 29% of decodes stopped at the token limit;
+  2 s 0.33 / 14%; 3 s 0.31 / 9%; 2 s with the 10 s minimum 0.31 / 6%; full windows 0.24 / 1%, but at 1.55x the
+  cost of the 10 s-minimum windows (107 s against 69 s for 80 partials, the encoder 54 s against 24 s). Partials
+  are decoded without timestamps (error 0.30, fewer tokens). Continuing each partial from the previous one's text
+  cut the decoded tokens 3.2x but the time only 22% and raised the error to 0.41, so every partial is decoded
+  afresh.
+
+Load shedding: a waiting partial whose newest audio was pushed more than ``max_partial_lag_s`` ago is dropped
+unsent, so an engine that falls behind spends its time on finals and catches up instead of transcribing stale
+partials (set it to None for clients that push faster than real time and still want partials).
 
 Each stream's outgoing mailbox is bounded: a new partial replaces an unsent older partial of the same utterance;
 ``SpeechStarted``, finals and ``StreamEnded`` are never dropped, and ``push_audio`` waits (backpressure) while the
@@ -42,12 +61,11 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 
-from app.engine.speech_decode import DecodePolicy, GroupTiming, WindowJob, WindowText, transcribe_group
+from app.engine.speech_decode import DecodePolicy, PromptRules, WindowJob, WindowText, transcribe_group
 from app.engine.speech_events import SpeechEvent, SpeechStarted, StreamEnded, StreamOptions, Transcript
 from app.engine.speech_scheduler import DecodeGroup, DecodeItem, SpeechScheduler
 from app.engine.utterance import SAMPLE_RATE_HZ, VAD_FRAME_SAMPLES, SegmentationConfig, UtteranceStarted
 from app.errors import EngineDeadError
-from app.speech.decoding import DecodingRules
 from app.speech.vad import VadRunner, VadStreamState
 from app.speech.whisper_runner import WhisperRunner
 
@@ -74,6 +92,7 @@ class SpeechEngineSettings:
     max_backlog_s: float = 10.0  # push_audio waits while a stream has more unsettled audio than this
     max_pending_events: int = 64  # push_audio also waits while the consumer has this many unread events
     max_vad_s_per_step: float = 5.0  # VAD audio per stream per step, so a burst cannot monopolise a step
+    max_partial_lag_s: float | None = 2.0  # a partial whose audio was pushed longer ago is skipped; None: never
     intra_op_threads: int = 2  # onnxruntime threads of the Whisper sessions (used by ``from_repository``)
     decode: DecodePolicy = field(default_factory=DecodePolicy)  # window sizes and decode guards
 
@@ -82,6 +101,8 @@ class SpeechEngineSettings:
             raise ValueError(f"max_utterance_s must lie in (0, {WHISPER_MAX_WINDOW_S}], got {self.max_utterance_s}")
         if self.partial_interval_s <= 0 or self.max_backlog_s <= 0 or self.max_vad_s_per_step <= 0:
             raise ValueError(f"expected positive intervals, got {self}")
+        if self.max_partial_lag_s is not None and self.max_partial_lag_s <= 0:
+            raise ValueError(f"max_partial_lag_s must be positive or None, got {self.max_partial_lag_s}")
         if self.max_batch_size < 1 or self.max_pending_events < 1 or self.intra_op_threads < 1:
             raise ValueError(f"expected positive sizes, got {self}")
 
@@ -140,7 +161,7 @@ class _AudioBuffer:
     def append(self, samples: np.ndarray) -> None:
         needed = self.kept_samples + samples.shape[0]
         if self._offset + needed > self._data.shape[0]:
-            capacity = self._data.shape[0]
+            capacity = max(self._data.shape[0], SAMPLE_RATE_HZ)
             while needed > capacity // 2:
                 capacity *= 2
             fresh = np.zeros(capacity, dtype=np.float32)
@@ -318,7 +339,7 @@ class SpeechEngine:
                 1, round(self.settings.max_vad_s_per_step * SAMPLE_RATE_HZ / VAD_FRAME_SAMPLES)
             ),
         )
-        self._rules = DecodingRules.from_config(whisper.config)
+        self._rules = PromptRules.from_config(whisper.config)
         self._streams: dict[str, _StreamState] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
@@ -459,7 +480,7 @@ class SpeechEngine:
         await self._vad_phase()
         for stream_id in self._scheduler.take_ended():
             self._end_stream(stream_id)
-        groups = self._scheduler.plan_decodes()
+        groups = self._scheduler.plan_decodes(self._is_stale if self.settings.max_partial_lag_s is not None else None)
         if groups:
             await self._decode_phase(groups)
         for state in list(self._streams.values()):
@@ -498,38 +519,42 @@ class SpeechEngine:
                     state.mailbox.put(SpeechStarted(event.utterance, event.start / SAMPLE_RATE_HZ))
 
     async def _decode_phase(self, groups: list[DecodeGroup]) -> None:
-        batches: list[list[WindowJob]] = []
-        flights: list[_InFlight] = []
-        for group in groups:
+        """Transcribe the groups one executor call each, finals' groups first, delivering after each call."""
+        ordered = sorted(groups, key=lambda group: min(0 if item.kind == "final" else 1 for item in group.items))
+        for group in ordered:
+            flights: list[_InFlight] = []
             jobs: list[WindowJob] = []
             for item in group.items:
-                state = self._streams[item.stream_id]
+                state = self._streams.get(item.stream_id)
+                if state is None:  # closed while an earlier group ran
+                    self._scheduler.complete(item)
+                    continue
                 flights.append(_InFlight(item, self._due_time(state, item)))
-                audio = state.audio.read(item.start, item.end)
-                jobs.append(WindowJob(len(flights) - 1, item.kind, audio, item.frames, item.max_new_tokens))
-            batches.append(jobs)
-        outputs = await self._infer(_run_decode_groups, self._whisper, batches, self.settings.decode, self._rules)
-        texts: list[WindowText] = []
-        for group_texts, timing in outputs:
+                jobs.append(self._window_job(len(jobs), state, item))
+            if not jobs:
+                continue
+            texts, timing = await self._infer(transcribe_group, self._whisper, jobs, self.settings.decode, self._rules)
             self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
             self._observer.on_batch("decode", timing.size, timing.decode_s)
-            texts.extend(group_texts)
-        now = time.monotonic()
-        results = [(flights[text.key], text.text) for text in texts]
-        for flight, text in sorted(results, key=lambda result: result[0].item.order):
-            self._deliver(flight, text, now)
+            now = time.monotonic()
+            for flight, text in sorted(zip(flights, texts, strict=True), key=lambda pair: pair[0].item.order):
+                self._deliver(flight, text, now)
 
-    def _deliver(self, flight: _InFlight, text: str, now: float) -> None:
+    @staticmethod
+    def _window_job(index: int, state: _StreamState, item: DecodeItem) -> WindowJob:
+        audio = state.audio.read(item.start, item.end)
+        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens)
+
+    def _deliver(self, flight: _InFlight, text: WindowText, now: float) -> None:
         item = flight.item
         completion = self._scheduler.complete(item)
         state = self._streams.get(item.stream_id)
-        if not completion.deliver or state is None:
+        if state is None:
             return
-        if item.kind == "partial" and not text:
+        if not completion.deliver or (item.kind == "partial" and not text.text):
             return
-        state.mailbox.put(
-            Transcript(item.kind, item.utterance, text, item.start / SAMPLE_RATE_HZ, item.end / SAMPLE_RATE_HZ)
-        )
+        start_s, end_s = item.start / SAMPLE_RATE_HZ, item.end / SAMPLE_RATE_HZ
+        state.mailbox.put(Transcript(item.kind, item.utterance, text.text, start_s, end_s))
         if flight.due_at is not None:
             if item.kind == "partial":
                 self._observer.on_partial_latency(now - flight.due_at)
@@ -543,6 +568,13 @@ class SpeechEngine:
         if state is not None:
             state.mailbox.put(StreamEnded())
             self._release(state, keep_events=True)
+
+    def _is_stale(self, item: DecodeItem) -> bool:
+        """A partial whose newest audio was pushed more than ``max_partial_lag_s`` ago (the engine is behind)."""
+        state = self._streams.get(item.stream_id)
+        pushed_at = None if state is None else state.push_time(item.end - 1)
+        limit = self.settings.max_partial_lag_s
+        return pushed_at is not None and limit is not None and time.monotonic() - pushed_at > limit
 
     def _due_time(self, state: _StreamState, item: DecodeItem) -> float | None:
         if item.kind == "final" and item.due_position in state.marker_times:
@@ -577,9 +609,3 @@ def _run_vad_columns(
         for position, row in enumerate(rows):
             results[row][column] = values[position]
     return results, columns
-
-
-def _run_decode_groups(
-    whisper: WhisperRunner, batches: Sequence[Sequence[WindowJob]], policy: DecodePolicy, rules: DecodingRules
-) -> list[tuple[list[WindowText], GroupTiming]]:
-    return [transcribe_group(whisper, jobs, policy, rules) for jobs in batches]

@@ -11,8 +11,9 @@ replaces it). One engine step is:
    just before the first frame that reaches past its position (so the result does not depend on how the audio was
    split into pushes); returns the segmentation events (``UtteranceStarted`` is for the client, the others become
    waiting decodes);
-3. ``plan_decodes()``: up to ``max_batch_size`` windows, finals first (oldest first), then partials (oldest
-   first), grouped by encoder frame count so that every group is one batched encoder call;
+3. ``plan_decodes(is_stale)``: up to ``max_batch_size`` windows, finals first (oldest first), then partials
+   (oldest first; a partial the engine calls stale is dropped), grouped by encoder frame count so that every group
+   is one batched encoder call;
 4. ``complete(item)`` once its text is known: says whether the text is still wanted (a partial is dropped once the
    final of its utterance is queued) and whether the stream has now ended.
 """
@@ -275,15 +276,22 @@ class SpeechScheduler:
 
     # ----------------------------------------------------------------------------------------------- decodes
 
-    def plan_decodes(self) -> list[DecodeGroup]:
-        """Hand out up to ``max_batch_size`` waiting decodes, finals first, grouped by window frame count."""
+    def plan_decodes(self, is_stale: Callable[[DecodeItem], bool] | None = None) -> list[DecodeGroup]:
+        """Hand out up to ``max_batch_size`` waiting decodes, finals first, grouped by window frame count.
+
+        A waiting partial for which ``is_stale`` says True is dropped instead (load shedding: a late partial is
+        worth less than the compute it takes from finals and from fresher partials).
+        """
         finals = sorted(
             (item for stream in self._streams.values() for item in stream.finals), key=lambda item: item.order
         )
-        partials = sorted(
-            (stream.partial for stream in self._streams.values() if stream.partial is not None),
-            key=lambda item: item.order,
-        )
+        partials: list[DecodeItem] = []
+        for stream in self._streams.values():
+            if stream.partial is not None and is_stale is not None and is_stale(stream.partial):
+                stream.partial = None
+            if stream.partial is not None:
+                partials.append(stream.partial)
+        partials.sort(key=lambda item: item.order)
         chosen = (finals + partials)[: self.max_batch_size]
         for item in chosen:
             stream = self._streams[item.stream_id]

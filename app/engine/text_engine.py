@@ -37,7 +37,7 @@ from app.engine.text_events import (
     Timings,
     Usage,
 )
-from app.engine.text_scheduler import RequestStatus, ScheduledRow, SchedulerConfig, TextRequest, TextScheduler
+from app.engine.text_scheduler import RequestStatus, SchedulerConfig, TextRequest, TextScheduler
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
@@ -99,21 +99,6 @@ class _Stream:
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
     first_step_at: float | None = None
     first_token_at: float | None = None
-
-
-def runner_calls(rows: Sequence[ScheduledRow]) -> list[list[int]]:
-    """Group a step's rows (indices) into ``runner.step`` calls.
-
-    Workaround: ``LlamaRunner`` pads every row of a session call to the longest row, and GroupQueryAttention then
-    computes wrong attention, and writes wrong KV, for a padded row whose slot already holds tokens (measured: a
-    decode row run next to an 8-token prefill differs by 0.5 logits and stays wrong afterwards). Rows that are never
-    padded are exact, and so are padded rows of empty slots. So: all one-token rows together, all prefills of empty
-    slots together, and each other multi-token row (a prompt chunk after a cached prefix) alone.
-    """
-    single = [i for i, row in enumerate(rows) if len(row.token_ids) == 1]
-    fresh = [i for i, row in enumerate(rows) if len(row.token_ids) > 1 and row.start == 0]
-    continued = [[i] for i, row in enumerate(rows) if len(row.token_ids) > 1 and row.start > 0]
-    return [call for call in (single, fresh) if call] + continued
 
 
 def _runner_capacity(runner: object) -> tuple[int, int] | None:
@@ -379,11 +364,9 @@ class TextEngine:
             if not output.rows:
                 await self._wake.wait()
                 continue
-            groups = runner_calls(output.rows)
-            calls = [[StepInput(output.rows[i].slot, output.rows[i].token_ids) for i in group] for group in groups]
-            ordered_rows = [output.rows[i] for group in groups for i in group]  # the order of the logits rows
-            sample_rows = [position for position, row in enumerate(ordered_rows) if row.samples]
-            streams = [self._streams[ordered_rows[position].request.request_id] for position in sample_rows]
+            inputs = [StepInput(row.slot, row.token_ids) for row in output.rows]
+            sample_rows = [position for position, row in enumerate(output.rows) if row.samples]
+            streams = [self._streams[output.rows[position].request.request_id] for position in sample_rows]
             started = time.perf_counter()
             for row in output.rows:
                 stream = self._streams[row.request.request_id]
@@ -394,7 +377,7 @@ class TextEngine:
                 sampled_ids = await loop.run_in_executor(
                     self._executor,
                     self._execute_step,
-                    calls,
+                    inputs,
                     sample_rows,
                     [stream.params for stream in streams],
                     [stream.generator for stream in streams],
@@ -420,14 +403,15 @@ class TextEngine:
 
     def _execute_step(
         self,
-        calls: list[list[StepInput]],
+        inputs: list[StepInput],
         sample_rows: list[int],
         params: list[SamplingParams],
         generators: list[np.random.Generator],
     ) -> list[int]:
-        """Runs in the executor: the step's runner calls, then the next token of every row that samples
-        (``sample_rows`` index the rows of all calls in order)."""
-        logits = np.concatenate([self._runner.step(inputs) for inputs in calls], axis=0)
+        """Runs in the executor: one ``runner.step`` over all the step's rows (the runner splits it into session
+        calls if padding would be wasteful), then the next token of every row that samples (``sample_rows`` index
+        ``inputs``)."""
+        logits = self._runner.step(inputs)
         if not sample_rows:
             return []
         return [int(token) for token in self._sampler.sample(logits[sample_rows], params, generators)]

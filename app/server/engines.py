@@ -32,6 +32,8 @@ def build_engine(loaded: LoadedVersion, repository: ModelRepository, settings: S
         return _build_speech(loaded, repository, settings, metrics)
     if task == "text-generation":
         return _build_text(loaded, settings, metrics)
+    if task == "generic":
+        return _build_generic(loaded, metrics)
     return BuiltEngine(engine=None, info={})
 
 
@@ -71,3 +73,12 @@ def _build_text(loaded: LoadedVersion, settings: Settings, metrics: Metrics) -> 
         TextMetricsObserver(metrics, loaded.name, loaded.version),
     )
     return BuiltEngine(engine=engine, info={"context_length": engine.context_length})
+
+
+def _build_generic(loaded: LoadedVersion, metrics: Metrics) -> BuiltEngine:
+    from app.engine.generic_runner import GenericModel
+    from app.server.metrics import BatchMetricsObserver
+
+    model = GenericModel.from_loaded(loaded, BatchMetricsObserver(metrics, loaded.name, loaded.version))
+    model.warm_up()
+    return BuiltEngine(engine=model, info=model.describe())

@@ -89,9 +89,9 @@ async def metrics(request: Request) -> Response:
         engine = served.engine
         if engine is None:
             continue
-        active = getattr(engine, "active_streams", None)
-        if active is None:
-            active = getattr(engine, "active_requests", 0)
-            state.metrics.engine_slots.labels(*labels).set(getattr(engine, "slots_in_use", 0))
+        # Speech engines count streams, text engines generations (and hold KV slots).
+        active = int(getattr(engine, "active_streams", 0) or getattr(engine, "active_requests", 0))
         state.metrics.engine_active.labels(*labels).set(active)
+        if hasattr(engine, "slots_in_use"):
+            state.metrics.engine_slots.labels(*labels).set(float(engine.slots_in_use))
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")

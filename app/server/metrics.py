@@ -6,6 +6,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
+FAST_LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 
 
 class Metrics:
@@ -42,6 +43,12 @@ class Metrics:
                                    ["model", "version"], registry=r)
         self.engine_slots = Gauge("brook_engine_kv_slots_in_use", "KV-cache slots held by conversations",
                                   ["model", "version"], registry=r)
+        self.queue_seconds = Histogram("brook_queue_seconds", "Time a request waited in a dynamic batcher",
+                                       ["model", "version"], buckets=FAST_LATENCY_BUCKETS_S, registry=r)
+        self.infer_requests = Counter("brook_infer_requests", "Open Inference Protocol (v2) infer requests",
+                                      ["model", "version", "outcome"], registry=r)
+        self.infer_seconds = Histogram("brook_infer_seconds", "v2 infer request time, body read to response",
+                                       ["model", "version"], buckets=FAST_LATENCY_BUCKETS_S, registry=r)
         self.models_loaded = Gauge("brook_model_loaded", "1 when a model version is loaded and ready",
                                    ["model", "version"], registry=r)
 
@@ -81,3 +88,18 @@ class TextMetricsObserver:
 
     def on_ttft(self, seconds: float) -> None:
         self._metrics.ttft.labels(*self._labels).observe(seconds)
+
+
+class BatchMetricsObserver:
+    """Feeds a dynamic batcher's hooks (batch sizes, call time, queue time) into the metrics of one model version."""
+
+    def __init__(self, metrics: Metrics, model: str, version: int) -> None:
+        self._metrics = metrics
+        self._labels = (model, str(version))
+
+    def on_batch(self, rows: int, requests: int, seconds: float) -> None:
+        self._metrics.batch_size.labels(*self._labels, "infer").observe(rows)
+        self._metrics.step_seconds.labels(*self._labels, "infer").observe(seconds)
+
+    def on_queue_time(self, seconds: float) -> None:
+        self._metrics.queue_seconds.labels(*self._labels).observe(seconds)

@@ -21,11 +21,11 @@ from app.protocol import (
     ChatControl,
     ChatTurn,
     RawGenerate,
-    SamplingFields,
     parse_chat_message,
     parse_chat_params,
 )
 from app.server.state import ServerState
+from app.server.text_requests import record_generation, sampling_params
 from app.server.ws_session import (
     Connection,
     admitted,
@@ -33,20 +33,10 @@ from app.server.ws_session import (
     run_reader_writer,
     run_translating_errors,
 )
-from app.text.sampling import SamplingParams, SamplingParamsError
+from app.text.sampling import SamplingParamsError
 
 logger = logging.getLogger(__name__)
 ENDPOINT = "chat"
-
-
-def sampling_params(fields: SamplingFields) -> SamplingParams:
-    """Wire sampling fields → engine params; unset fields keep the engine's defaults."""
-    values: dict[str, Any] = {
-        "temperature": fields.temperature, "top_p": fields.top_p, "top_k": fields.top_k, "seed": fields.seed,
-        "max_tokens": fields.max_tokens,
-    }
-    params = SamplingParams(**{k: v for k, v in values.items() if v is not None}, stop=fields.stop)
-    return params
 
 
 @dataclass
@@ -156,10 +146,7 @@ async def _write(connection: Connection, session: ChatSessionState, model: str, 
                     if item.text:
                         await connection.send({"type": "token", "text": item.text})
                 elif isinstance(item, GenerationDone):
-                    metrics.tokens_out.labels(model, str(version)).inc(item.usage.completion_tokens)
-                    metrics.prompt_tokens.labels(model, str(version), "cached").inc(item.usage.cached_tokens)
-                    metrics.prompt_tokens.labels(model, str(version), "prefilled").inc(
-                        item.usage.prompt_tokens - item.usage.cached_tokens)
+                    record_generation(metrics, model, version, item)
                     await connection.send(done_message(item))
         finally:
             session.current = None

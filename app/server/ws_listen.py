@@ -5,11 +5,9 @@ from __future__ import annotations
 import logging
 import uuid
 
-import numpy as np
-import soxr
 from starlette.websockets import WebSocket
 
-from app.audio import MODEL_SAMPLE_RATE_HZ, decode_pcm
+from app.audio import MODEL_SAMPLE_RATE_HZ
 from app.engine.speech_engine import SpeechStream
 from app.engine.speech_events import SpeechStarted, StreamEnded, StreamOptions, Transcript
 from app.errors import ProtocolError
@@ -20,6 +18,7 @@ from app.protocol import (
     speech_started_message,
     transcript_message,
 )
+from app.server.audio_input import AudioInput
 from app.server.state import ServerState
 from app.server.ws_session import (
     Connection,
@@ -31,30 +30,6 @@ from app.server.ws_session import (
 
 logger = logging.getLogger(__name__)
 ENDPOINT = "listen"
-
-
-class AudioInput:
-    """Decodes a session's binary frames and resamples them, as a stream, to the model rate."""
-
-    def __init__(self, sample_rate: int, encoding: str) -> None:
-        self.encoding = encoding
-        self._resampler = (
-            None if sample_rate == MODEL_SAMPLE_RATE_HZ
-            else soxr.ResampleStream(sample_rate, MODEL_SAMPLE_RATE_HZ, 1, dtype="float32", quality="HQ")
-        )
-
-    def decode(self, frame: bytes) -> np.ndarray:
-        samples = decode_pcm(frame, self.encoding)
-        if self._resampler is None:
-            return samples
-        out: np.ndarray = self._resampler.resample_chunk(samples)
-        return out
-
-    def flush(self) -> np.ndarray:
-        if self._resampler is None:
-            return np.zeros(0, dtype=np.float32)
-        out: np.ndarray = self._resampler.resample_chunk(np.zeros(0, dtype=np.float32), last=True)
-        return out
 
 
 async def listen_endpoint(websocket: WebSocket) -> None:

@@ -1,8 +1,13 @@
 """Preallocated KV-cache buffers for GroupQueryAttention's shared-buffer mode, and the slots that index them.
 
-Every layer has one key and one value buffer of shape ``[max_batch_size, n_kv_heads, max_seq_len, head_dim]``
-(float32, BNSH). Slot ``s`` owns row ``s`` of every buffer for as long as it is allocated. onnxruntime writes new
-keys and values into those rows in place (the same memory is bound as ``past_*`` input and ``present_*`` output),
+Every layer has one key and one value buffer of shape ``[max_batch_size, n_kv_heads, buffer_tokens, head_dim]``
+(float32, BNSH), where ``buffer_tokens = max_seq_len + spare_tokens``. A slot holds at most ``max_seq_len`` tokens;
+the spare positions after them are never written. They exist because GroupQueryAttention requires room for a call's
+whole right-padded chunk (``past + chunk <= buffer_tokens``) although it stores only the real tokens, and the runner
+pads even a lone decode row to a chunk of 2 (see ``app/text/llama_runner.py``).
+
+Slot ``s`` owns row ``s`` of every buffer for as long as it is allocated. onnxruntime writes new keys and values
+into those rows in place (the same memory is bound as ``past_*`` input and ``present_*`` output),
 so nothing is copied or concatenated in Python between steps.
 
 Memory: each buffer is an anonymous ``mmap`` (zero-filled, mapped lazily by the kernel) advised against transparent
@@ -44,10 +49,16 @@ class KVCacheLayout:
     head_dim: int  # width of one head
     max_batch_size: int  # slots
     max_seq_len: int  # tokens a slot can hold
+    spare_tokens: int = 0  # buffer positions after max_seq_len: room for padding rows, never written
+
+    @property
+    def buffer_tokens(self) -> int:
+        """Positions per slot in each buffer: ``max_seq_len + spare_tokens``."""
+        return self.max_seq_len + self.spare_tokens
 
     @property
     def buffer_shape(self) -> tuple[int, int, int, int]:
-        return (self.max_batch_size, self.n_kv_heads, self.max_seq_len, self.head_dim)
+        return (self.max_batch_size, self.n_kv_heads, self.buffer_tokens, self.head_dim)
 
     @property
     def bytes_per_token(self) -> int:
@@ -57,7 +68,7 @@ class KVCacheLayout:
     @property
     def bytes_per_slot(self) -> int:
         """Address space one slot reserves (only touched pages become resident)."""
-        return self.bytes_per_token * self.max_seq_len
+        return self.bytes_per_token * self.buffer_tokens
 
 
 class KVCache:

@@ -8,14 +8,28 @@ row of the call add a different number of tokens (right padding), so rows of dif
 GroupQueryAttention takes the cache rows of the batch as one ``[B, ...]`` tensor, so a call covers a *contiguous*
 range of slots ``[first_slot, end_slot)``: we bind a pointer into the middle of each layer's buffer, no copy. Slots
 inside the range that have nothing to do this step ride along as idle rows (``query_seqlens = 0``): their cache
-is untouched, and they cost only their padding in the attention input. ``plan_calls`` splits a step into calls so
-that padding stays small (for example a long prompt and many decode rows run as two calls).
+is untouched, but they cost their padding and (measured) about half the attention work of a decode row.
+``plan_calls`` splits a step into calls so that padding stays small (for example a long prompt and many decode rows
+run as two calls).
+
+Batch invariance: a row's logits, and the keys and values it caches, must not depend on which other rows share its
+call, or a sequence's greedy reply would change with the server's load. onnxruntime's CPU GroupQueryAttention
+(1.32) computes a row with a cached past and one new token along a different path when the call's padded chunk is 1
+(all rows decodes) than when it is 2 or more. Both agree to float rounding (about 1e-7), but the int8 activation
+quantization of ``MatMulNBits`` at accuracy_level 4 turns such rounding differences into different int8 values, and
+after 30 layers the logits differ by 0.3 to 1.4 and so do the keys and values the later layers cache: the sequence
+drifts for good. (At accuracy_level 0 the same difference stays below 1e-4.) With a chunk of 2 or more a row's
+results are bitwise the same whatever the chunk, the padding and the other rows; for a row of several tokens, or
+of one token on an empty slot, the chunk never matters. So every call pads to at least ``MIN_CHUNK_TOKENS`` = 2 (a
+lone decode row gets one padding row: a few percent more attention work, the projections never see padding), and
+the KV buffers keep ``MIN_CHUNK_TOKENS - 1`` spare positions per slot so that a slot holding ``max_seq_len - 1``
+tokens still has room for the padded chunk. ``tests/test_llama_runner.py`` checks the invariance on the real model.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -23,12 +37,13 @@ from typing import Any, Final
 import numpy as np
 import onnxruntime as ort
 
-from app.ort_session import create_session
+from app.ort_session import DEFAULT_ALLOW_SPINNING, create_session
 from app.text.kv_cache import KVCache, KVCacheLayout, SlotError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_CHUNK_TOKENS: Final = 512  # longer prompts are prefilled in chunks of this many tokens
+MIN_CHUNK_TOKENS: Final = 2  # every call pads to at least this, so each row takes one kernel path (module docstring)
 PAD_BUDGET_FACTOR: Final = 2  # a call may hold at most this many padded positions per real token ...
 PAD_BUDGET_SLACK: Final = 32  # ... plus this many
 MAX_CACHED_BINDINGS: Final = 64  # IO bindings kept, one per slot range
@@ -44,7 +59,10 @@ class StepInput:
 
 @dataclass(frozen=True)
 class CallPlan:
-    """One session run over slots ``[first_slot, end_slot)``, padding every row's new tokens to ``chunk``."""
+    """One session run over slots ``[first_slot, end_slot)``, padding every row's new tokens to ``chunk``.
+
+    ``chunk`` is the longest row's token count, but at least ``MIN_CHUNK_TOKENS``.
+    """
 
     first_slot: int
     end_slot: int
@@ -52,12 +70,17 @@ class CallPlan:
     rows: tuple[int, ...]  # indices into the step's rows, in slot order
 
 
+def padded_chunk(n_new: Iterable[int]) -> int:
+    """The chunk a call pads its rows to: the longest row, but at least ``MIN_CHUNK_TOKENS``."""
+    return max(MIN_CHUNK_TOKENS, *n_new)
+
+
 def _call_is_acceptable(
     rows: Sequence[int], slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, capacity: int
 ) -> bool:
     """Whether one call may run these rows: every slot in range has room for the padded chunk, padding is small."""
     first, end = slots[rows[0]], slots[rows[-1]] + 1
-    chunk = max(n_new[r] for r in rows)
+    chunk = padded_chunk(n_new[r] for r in rows)
     tokens = sum(n_new[r] for r in rows)
     past = np.maximum(lengths[first:end], 1)  # an idle empty slot is run as holding one (ignored) token
     for r in rows:
@@ -86,9 +109,10 @@ def plan_calls(slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, 
     """Split a step's rows into session calls.
 
     ``slots[i]`` and ``n_new[i]`` describe row ``i``; ``lengths`` holds every slot's cached length before the step
-    and ``capacity`` the cache's ``max_seq_len``. Each row's ``lengths[slot] + n_new`` must already fit. The whole
-    step runs as one call when that is cheap; otherwise decode rows and multi-token rows form separate groups of
-    neighbouring slots.
+    and ``capacity`` the positions per slot of the KV buffers (``KVCacheLayout.buffer_tokens``, at least
+    ``max_seq_len + MIN_CHUNK_TOKENS - 1``). Each row's ``lengths[slot] + n_new`` must already fit in ``max_seq_len``.
+    The whole step runs as one call when that is cheap; otherwise decode rows and multi-token rows form separate
+    groups of neighbouring slots. How rows are grouped never changes their results (module docstring).
     """
     order = sorted(range(len(slots)), key=lambda r: slots[r])
     if not order:
@@ -100,7 +124,7 @@ def plan_calls(slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, 
         prefill = [r for r in order if n_new[r] > 1]
         groups = _greedy_groups(decode, slots, n_new, lengths, capacity)
         groups += _greedy_groups(prefill, slots, n_new, lengths, capacity)
-    return [CallPlan(slots[g[0]], slots[g[-1]] + 1, max(n_new[r] for r in g), tuple(g)) for g in groups]
+    return [CallPlan(slots[g[0]], slots[g[-1]] + 1, padded_chunk(n_new[r] for r in g), tuple(g)) for g in groups]
 
 
 class LlamaRunner:
@@ -120,6 +144,7 @@ class LlamaRunner:
         max_batch_size: int = 32,
         max_seq_len: int | None = None,
         max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
+        allow_spinning: bool = DEFAULT_ALLOW_SPINNING,
     ) -> None:
         max_seq_len = int(config["max_seq_len"]) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= int(config["context_length"]):
@@ -129,10 +154,17 @@ class LlamaRunner:
         self.max_chunk_tokens = max_chunk_tokens
         self.cache = KVCache(
             KVCacheLayout(
-                self.n_layers, int(config["n_kv_heads"]), int(config["head_dim"]), max_batch_size, max_seq_len
+                self.n_layers,
+                int(config["n_kv_heads"]),
+                int(config["head_dim"]),
+                max_batch_size,
+                max_seq_len,
+                spare_tokens=MIN_CHUNK_TOKENS - 1,
             )
         )
-        self.session: ort.InferenceSession = create_session(model_dir / str(config["model_file"]), intra_op_threads)
+        self.session: ort.InferenceSession = create_session(
+            model_dir / str(config["model_file"]), intra_op_threads, allow_spinning=allow_spinning
+        )
         self._check_session()
         self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
         self._logits = np.empty((max_batch_size, self.vocab_size), np.float32)  # written by the session in place
@@ -219,13 +251,13 @@ class LlamaRunner:
                     [slot],
                     [tokens[i][: self.max_chunk_tokens]],
                     [0],
-                    CallPlan(slot, slot + 1, self.max_chunk_tokens, (0,)),
+                    CallPlan(slot, slot + 1, padded_chunk([self.max_chunk_tokens]), (0,)),
                 )
                 tokens[i] = tokens[i][self.max_chunk_tokens :]
         logits = np.empty((len(batch), self.vocab_size), np.float32)
         n_new = [ids.size for ids in tokens]
         lengths = self.cache.lengths(0, self.cache.layout.max_batch_size)
-        for plan in plan_calls(slots, n_new, lengths, self.cache.layout.max_seq_len):
+        for plan in plan_calls(slots, n_new, lengths, self.cache.layout.buffer_tokens):
             logits[list(plan.rows)] = self._run(slots, tokens, list(plan.rows), plan)
         return logits
 
@@ -257,7 +289,8 @@ class LlamaRunner:
             "logit_index": logit_index,
             "seqlens_k": seqlens_k,
             "query_lens": query_lens,
-            "total_sequence_length": np.array(int(seqlens_k.max()) + 1, np.int32),
+            # An upper bound of every row's total; GroupQueryAttention also wants it >= the chunk.
+            "total_sequence_length": np.array(max(int(seqlens_k.max()) + 1, chunk), np.int32),
         }
         binding = self._binding(plan.first_slot, plan.end_slot)
         for name, value in feeds.items():

@@ -1,0 +1,29 @@
+"""What the text endpoints (`WS /v1/chat` and the OpenAI routes) share: wire sampling fields to engine parameters,
+and the metrics of a finished generation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from app.engine.text_events import GenerationDone
+from app.protocol import SamplingFields
+from app.server.metrics import Metrics
+from app.text.sampling import SamplingParams
+
+
+def sampling_params(fields: SamplingFields) -> SamplingParams:
+    """Wire sampling fields → engine params; unset fields keep the engine's defaults."""
+    values: dict[str, Any] = {
+        "temperature": fields.temperature, "top_p": fields.top_p, "top_k": fields.top_k, "seed": fields.seed,
+        "max_tokens": fields.max_tokens,
+    }
+    params = SamplingParams(**{k: v for k, v in values.items() if v is not None}, stop=fields.stop)
+    return params
+
+
+def record_generation(metrics: Metrics, model: str, version: int, done: GenerationDone) -> None:
+    """Count a finished generation's tokens: generated, and prompt tokens split into cached and prefilled."""
+    labels = (model, str(version))
+    metrics.tokens_out.labels(*labels).inc(done.usage.completion_tokens)
+    metrics.prompt_tokens.labels(*labels, "cached").inc(done.usage.cached_tokens)
+    metrics.prompt_tokens.labels(*labels, "prefilled").inc(done.usage.prompt_tokens - done.usage.cached_tokens)

@@ -1,0 +1,135 @@
+"""Agreement with llama.cpp, the reference engine: fed llama.cpp's own greedy tokens, Brook picks the same next token.
+
+``tests/goldens/llama/llamacpp_greedy.json`` (written by ``scripts/make_llama_goldens.py`` with llama-cpp-python on
+the same GGUF) holds, for 13 prompts (chat prompts through the model's template, most with its default system
+prompt, and raw completions), the prompt ids and 64 greedy tokens llama.cpp generated. Brook v1 (the default
+version: exact weights, fp32 activations) runs every prompt plus those tokens once, all prompts as rows of the same
+steps (teacher forcing), and at each position its argmax is compared with llama.cpp's token.
+
+Exact id parity is not the target: llama.cpp quantizes activations to 8 bits inside its matmuls, Brook v1 does not,
+and greedy decoding meets near-ties. The issue's bar is agreement at >= 95 % of positions; each disagreement must be
+a near-tie for Brook too (its logit for llama.cpp's token within ``MAX_DISAGREEMENT_GAP`` of its top-1).
+Measured (v1, 631 positions): 609 agree (96.5 %); the 22 disagreements have Brook gaps of 0.004-0.54 logits and
+llama.cpp margins of 0.02-0.31.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from app.engine.text_engine import TOKENIZER_FILE_NAME
+from app.repository import LoadedVersion, ModelRepository
+from app.text.chat_template import ChatTemplate
+from app.text.llama_runner import LlamaRunner, StepInput
+from app.text.tokenizer import TextTokenizer
+from tests.conftest import load_model
+
+logger = logging.getLogger(__name__)
+
+GOLDEN_FILE = Path(__file__).resolve().parent / "goldens" / "llama" / "llamacpp_greedy.json"
+MODEL = "smollm2-135m-instruct"
+MIN_AGREEMENT = 0.95
+MAX_DISAGREEMENT_GAP = 1.0  # logits between Brook's top-1 and llama.cpp's token where they differ
+RUNNER_MAX_SEQ_LEN = 256
+
+
+@dataclass(frozen=True)
+class Disagreement:
+    prompt: str
+    position: int  # index into the generated tokens
+    brook_token: int
+    llamacpp_token: int
+    brook_gap: float  # Brook's logit of its own top-1 minus its logit of llama.cpp's token
+    llamacpp_margin: float  # llama.cpp's top-1/top-2 margin at that step
+
+
+@pytest.fixture(scope="module")
+def goldens() -> dict[str, Any]:
+    if not GOLDEN_FILE.is_file():
+        pytest.fail(f"{GOLDEN_FILE} is missing; run scripts/make_llama_goldens.py (needs the `reference` extra)")
+    data: dict[str, Any] = json.loads(GOLDEN_FILE.read_text(encoding="utf-8"))
+    return data
+
+
+@pytest.fixture(scope="module")
+def v1(model_repository: ModelRepository) -> LoadedVersion:
+    return load_model(model_repository, MODEL, 1)
+
+
+def teacher_forced_argmax(
+    runner: LlamaRunner, prompts: list[list[int]], forced: list[list[int]]
+) -> list[list[tuple[int, float, np.ndarray]]]:
+    """For every prompt and every forced position: Brook's (argmax, top-1 logit, logits) before that token.
+
+    All prompts run as rows of the same steps: one prefill step, then one decode step per forced token for the
+    rows that still have tokens to feed.
+    """
+    slots = [runner.allocate_slot() for _ in prompts]
+    results: list[list[tuple[int, float, np.ndarray]]] = [[] for _ in prompts]
+    logits = runner.step([StepInput(slot, prompt) for slot, prompt in zip(slots, prompts, strict=True)])
+    active = list(range(len(prompts)))
+    position = 0
+    while active:
+        for row, index in enumerate(active):
+            top = int(np.argmax(logits[row]))
+            results[index].append((top, float(logits[row][top]), logits[row].copy()))
+        active = [index for index in active if position + 1 < len(forced[index])]
+        if active:
+            logits = runner.step([StepInput(slots[index], [forced[index][position]]) for index in active])
+        position += 1
+    for slot in slots:
+        runner.free_slot(slot)
+    return results
+
+
+def test_brook_renders_and_tokenizes_the_prompts_like_llamacpp(goldens: dict[str, Any], v1: LoadedVersion) -> None:
+    config = v1.manifest.config
+    tokenizer = TextTokenizer.from_files(v1.directory / TOKENIZER_FILE_NAME, config)
+    template = ChatTemplate(str(config["chat_template"]))
+    for record in goldens["prompts"]:
+        if record["kind"] == "chat":
+            text = template.render(record["messages"], add_generation_prompt=True)
+            assert text == record["text"], record["name"]
+        assert tokenizer.encode(record["text"], allow_special=True) == record["prompt_ids"], record["name"]
+
+
+def test_v1_agrees_with_llamacpp_on_teacher_forced_tokens(goldens: dict[str, Any], v1: LoadedVersion) -> None:
+    records = goldens["prompts"]
+    assert len(records) >= 10
+    runner = LlamaRunner(
+        v1.directory, v1.manifest.config, intra_op_threads=2, max_batch_size=len(records),
+        max_seq_len=RUNNER_MAX_SEQ_LEN,
+    )
+    forced = [record["generated_ids"] for record in records]
+    predictions = teacher_forced_argmax(runner, [record["prompt_ids"] for record in records], forced)
+
+    total = agree = 0
+    disagreements: list[Disagreement] = []
+    for record, rows in zip(records, predictions, strict=True):
+        assert len(rows) == len(record["generated_ids"])
+        for position, ((top, top_logit, logits), wanted) in enumerate(zip(rows, record["generated_ids"], strict=True)):
+            total += 1
+            if top == wanted:
+                agree += 1
+                continue
+            disagreements.append(Disagreement(
+                record["name"], position, top, wanted, round(top_logit - float(logits[wanted]), 4),
+                record["llamacpp_margins"][position],
+            ))
+    rate = agree / total
+    report = "\n".join(
+        f"  {d.prompt}[{d.position}]: Brook {d.brook_token} vs llama.cpp {d.llamacpp_token}, "
+        f"Brook gap {d.brook_gap:.3f}, llama.cpp margin {d.llamacpp_margin:.3f}"
+        for d in disagreements
+    )
+    logger.info("Brook v1 agrees with llama.cpp at %d/%d positions (%.1f %%)\n%s", agree, total, 100 * rate, report)
+    assert rate >= MIN_AGREEMENT, f"agreement {agree}/{total} = {rate:.3f} < {MIN_AGREEMENT}\n{report}"
+    wide = [d for d in disagreements if d.brook_gap > MAX_DISAGREEMENT_GAP]
+    assert not wide, f"disagreements that are not near-ties for Brook:\n{report}"

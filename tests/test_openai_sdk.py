@@ -1,0 +1,223 @@
+"""The OpenAI text routes (`/v1/chat/completions`, `/v1/completions`) driven by the official `openai` SDK against a
+real `brook serve`, plus the pure request parsing."""
+
+from __future__ import annotations
+
+import re
+import time
+import urllib.request
+from collections.abc import Iterator
+
+import pytest
+
+from app.repository import ModelRepository
+from app.server.openai_api import OpenAIError, parse_chat_request, parse_completion_request, parse_model
+from tests.conftest import ARTIFACT_DIR, require_models
+from tests.server_process import RunningServer, run_server
+
+openai = pytest.importorskip("openai", reason="the `openai` SDK is in the dev extra: pip install -e '.[dev]'")
+
+MODEL = "smollm2-135m-instruct"
+FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+# Greedy counting to 100 takes about 290 tokens: far more than the tokens a cancelled request may still run.
+COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
+COUNTING_MAX_TOKENS = 200
+
+
+@pytest.fixture(scope="module")
+def client(brook_server: RunningServer) -> Iterator[openai.OpenAI]:
+    with openai.OpenAI(base_url=f"{brook_server.http}/v1", api_key="not-checked", max_retries=0) as sdk:
+        yield sdk
+
+
+def test_chat_completion_is_greedy_deterministic_and_knows_paris(client: openai.OpenAI) -> None:
+    first = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
+    again = client.chat.completions.create(model=f"{MODEL}@1", messages=FRANCE, temperature=0,
+                                           max_completion_tokens=32)
+    assert first.object == "chat.completion" and first.id.startswith("chatcmpl-")
+    answer = first.choices[0].message.content
+    assert answer is not None and "Paris" in answer
+    assert again.choices[0].message.content == answer, "temperature 0 is deterministic"
+    assert first.choices[0].message.role == "assistant"
+    assert first.choices[0].finish_reason == "stop"
+    assert again.system_fingerprint == f"{MODEL}@1" and again.model == MODEL
+    usage = first.usage
+    assert usage is not None and usage.prompt_tokens > 10 and usage.completion_tokens >= 3
+    assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+
+
+def test_chat_streaming_sends_the_same_text_in_chunks_with_usage(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
+    stream = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32, stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert all(chunk.object == "chat.completion.chunk" and chunk.id == chunks[0].id for chunk in chunks)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    pieces = [chunk.choices[0].delta.content for chunk in chunks if chunk.choices and chunk.choices[0].delta.content]
+    assert len(pieces) >= 3, "the reply streams as several chunks"
+    assert "".join(pieces) == whole.choices[0].message.content
+    reasons = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices and chunk.choices[0].finish_reason]
+    assert reasons == ["stop"]
+    usage_chunk = chunks[-1]
+    assert usage_chunk.choices == [] and usage_chunk.usage is not None
+    assert usage_chunk.usage.completion_tokens == whole.usage.completion_tokens  # type: ignore[union-attr]
+    assert all(chunk.usage is None for chunk in chunks[:-1])
+
+
+def test_max_tokens_stop_and_seed(client: openai.OpenAI) -> None:
+    short = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_completion_tokens=3)
+    assert short.choices[0].finish_reason == "length" and short.usage.completion_tokens == 3  # type: ignore[union-attr]
+    stopped = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32,
+                                             stop=["Paris"])
+    assert stopped.choices[0].finish_reason == "stop"
+    assert "Paris" not in (stopped.choices[0].message.content or "")
+    joke = [{"role": "user", "content": "Tell me a joke."}]
+    sampled = [client.chat.completions.create(model=MODEL, messages=joke, temperature=1.0, top_p=0.95, seed=seed,
+                                              max_tokens=12).choices[0].message.content for seed in (7, 7)]
+    assert sampled[0] == sampled[1], "the same seed gives the same sampled reply"
+
+
+def test_completions_stream_and_not(client: openai.OpenAI) -> None:
+    prompt = "The capital of France is"
+    whole = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8)
+    assert whole.object == "text_completion" and whole.id.startswith("cmpl-")
+    assert "Paris" in whole.choices[0].text
+    assert whole.choices[0].finish_reason in ("stop", "length")
+    assert whole.usage is not None and whole.usage.completion_tokens <= 8
+    chunks = list(client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, stream=True))
+    assert "".join(chunk.choices[0].text for chunk in chunks) == whole.choices[0].text
+    echoed = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=8, echo=True)
+    assert echoed.choices[0].text == prompt + whole.choices[0].text
+
+
+def test_errors_surface_as_the_sdk_exception_types(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.BadRequestError) as bad_n:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, n=2)
+    assert bad_n.value.status_code == 400 and bad_n.value.code == "unsupported_parameter"
+    assert bad_n.value.param == "n" and "n=1" in bad_n.value.message
+    with pytest.raises(openai.NotFoundError) as unknown:
+        client.chat.completions.create(model="no-such-model", messages=FRANCE)
+    assert unknown.value.code == "model_not_found"
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model=f"{MODEL}@99", prompt="Hello")
+    with pytest.raises(openai.NotFoundError):
+        client.chat.completions.create(model="whisper-tiny-en", messages=FRANCE)
+    with pytest.raises(openai.BadRequestError) as tools:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, tools=[{"type": "function", "function": {
+            "name": "f", "parameters": {"type": "object", "properties": {}}}}])
+    assert tools.value.param == "tools"
+    with pytest.raises(openai.BadRequestError) as too_long:
+        client.completions.create(model=MODEL, prompt="word " * 5000, max_tokens=4)
+    assert too_long.value.code == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError) as bad_temperature:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=-1)
+    assert "temperature" in bad_temperature.value.message
+
+
+def _metric(server: RunningServer, name: str, labels: str) -> float:
+    with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    match = re.search(rf"^{re.escape(name)}\{{{re.escape(labels)}\}} (\S+)$", text, re.MULTILINE)
+    return float(match.group(1)) if match else 0.0
+
+
+def _steps_once_idle(server: RunningServer) -> float:
+    """The text engine's step count, read once no generation is running or waiting (version 1)."""
+    version = f'model="{MODEL}",version="1"'
+    while _metric(server, "brook_engine_active", version) > 0:
+        time.sleep(0.05)
+    return _metric(server, "brook_batch_size_count", f'{version},stage="step"')
+
+
+def test_a_client_that_disconnects_cancels_its_generation(client: openai.OpenAI, brook_server: RunningServer) -> None:
+    before = _steps_once_idle(brook_server)
+    stream = client.chat.completions.create(model=f"{MODEL}@1", messages=COUNTING, temperature=0,
+                                            max_tokens=COUNTING_MAX_TOKENS, stream=True)
+    received = 0
+    for chunk in stream:
+        received += bool(chunk.choices and chunk.choices[0].delta.content)
+        if received == 3:
+            break
+    stream.close()
+    after_stream = _steps_once_idle(brook_server)
+    assert after_stream - before < COUNTING_MAX_TOKENS / 2, "the generation stopped soon after the disconnect"
+
+    impatient = client.with_options(timeout=0.5)
+    with pytest.raises(openai.APITimeoutError):
+        impatient.chat.completions.create(model=f"{MODEL}@1", messages=COUNTING, temperature=0,
+                                          max_tokens=COUNTING_MAX_TOKENS)
+    after_timeout = _steps_once_idle(brook_server)
+    assert after_timeout - after_stream < COUNTING_MAX_TOKENS / 2, "a JSON request is cancelled on disconnect too"
+
+
+def test_api_key_auth_with_the_sdk(model_repository: ModelRepository) -> None:
+    require_models(model_repository, MODEL)
+    with run_server(ARTIFACT_DIR / "logs", models=MODEL, api_keys="sekret-key") as server:
+        base_url = f"{server.http}/v1"
+        with openai.OpenAI(base_url=base_url, api_key="wrong-key", max_retries=0) as wrong:
+            with pytest.raises(openai.AuthenticationError) as denied:
+                wrong.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4)
+            assert denied.value.status_code == 401 and denied.value.code == "invalid_api_key"
+            with pytest.raises(openai.AuthenticationError):
+                wrong.completions.create(model=MODEL, prompt="Hello", max_tokens=4)
+        with openai.OpenAI(base_url=base_url, api_key="sekret-key", max_retries=0) as right:
+            reply = right.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16)
+            assert "Paris" in (reply.choices[0].message.content or "")
+            models = right.models.list().data
+            assert MODEL in [model.id for model in models] and all(model.object == "model" for model in models)
+
+
+# ---- pure parsing -------------------------------------------------------------------------------------------------
+
+def test_model_names_select_a_version() -> None:
+    assert parse_model("smollm2-135m-instruct", "x") == ("smollm2-135m-instruct", None)
+    assert parse_model("smollm2-135m-instruct@2", "x") == ("smollm2-135m-instruct", 2)
+    assert parse_model(None, "default-model") == ("default-model", None)
+    for bad in ("m@", "m@v1", "m@0"):
+        with pytest.raises(OpenAIError) as error:
+            parse_model(bad, "x")
+        assert error.value.status == 404
+
+
+def test_chat_request_fields_map_to_brook() -> None:
+    parsed = parse_chat_request({
+        "model": "m@1", "messages": [
+            {"role": "developer", "content": "Be brief."},
+            {"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "text", "text": "there"}]},
+            {"role": "assistant", "content": None}],
+        "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": 3, "stop": "END",
+        "stream": True, "stream_options": {"include_usage": True}, "n": 1, "user": "ignored", "logprobs": False,
+        "presence_penalty": 0, "response_format": {"type": "text"}, "tools": [],
+    }, default_model="x")
+    assert parsed.messages == (("system", "Be brief."), ("user", "Hi\nthere"), ("assistant", ""))
+    assert (parsed.model, parsed.version, parsed.stream, parsed.include_usage) == ("m", 1, True, True)
+    sampling = parsed.sampling
+    assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
+        7, 0.0, 0.5, 3, ("END",))
+
+
+@pytest.mark.parametrize("field", [
+    {"n": 3}, {"logprobs": True}, {"presence_penalty": 0.5}, {"logit_bias": {"1": 5}},
+    {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
+    {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
+    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+    {"max_tokens": "many"},
+])
+def test_unsupported_chat_fields_are_400(field: dict[str, object]) -> None:
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **field}
+    with pytest.raises(OpenAIError) as error:
+        parse_chat_request(body, default_model="m")
+    assert error.value.status == 400 and error.value.body()["error"]["type"] == "invalid_request_error"
+
+
+@pytest.mark.parametrize("field", [{"prompt": ["a", "b"]}, {"prompt": [1, 2, 3]}, {"best_of": 2}, {"suffix": "x"},
+                                   {"logprobs": 2}, {"echo": "yes"}])
+def test_unsupported_completion_fields_are_400(field: dict[str, object]) -> None:
+    with pytest.raises(OpenAIError) as error:
+        parse_completion_request({"model": "m", "prompt": "hi", **field}, default_model="m")
+    assert error.value.status == 400
+
+
+def test_completion_prompt_may_be_a_one_item_list() -> None:
+    parsed = parse_completion_request({"prompt": ["Once"], "echo": True}, default_model="m")
+    assert (parsed.prompt, parsed.echo, parsed.model) == ("Once", True, "m")

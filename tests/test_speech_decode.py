@@ -1,0 +1,57 @@
+"""Window sizing and decode guards of the streaming engine (app/engine/speech_decode.py), without a model."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from app.engine.speech_decode import DecodePolicy, collapse_repeats
+
+SECOND = 16_000
+
+
+def test_windows_are_padded_bucketed_and_at_least_the_minimum() -> None:
+    policy = DecodePolicy()  # 2 s padding, 10 s minimum, 2 s buckets
+    assert policy.window_frames(1 * SECOND, "partial", 3000) == 1000
+    assert policy.window_frames(8 * SECOND, "partial", 3000) == 1000  # 8 s + 2 s fits the minimum exactly
+    assert policy.window_frames(8 * SECOND + 1, "final", 3000) == 1200
+    assert policy.window_frames(29 * SECOND, "partial", 3000) == 3000  # never past Whisper's window
+    assert DecodePolicy(final_full_window=True).window_frames(SECOND, "final", 3000) == 3000
+    assert DecodePolicy(final_full_window=True).window_frames(SECOND, "partial", 3000) == 1000
+
+
+@given(st.integers(min_value=0, max_value=30 * SECOND))
+def test_window_frames_are_even_multiples_of_the_bucket_and_hold_the_audio(n_samples: int) -> None:
+    frames = DecodePolicy(min_window_s=0.0).window_frames(n_samples, "partial", 3000)
+    assert frames % 200 == 0 and 200 <= frames <= 3000
+    assert frames >= min(3000, n_samples / 160)
+
+
+def test_token_limit_grows_with_the_audio() -> None:
+    policy = DecodePolicy()
+    assert policy.token_limit(0) == 10
+    assert policy.token_limit(10 * SECOND) == 90
+
+
+def test_collapse_repeats_keeps_one_copy_of_a_loop() -> None:
+    loop = [5, 6, 7] + [1, 2] * 6 + [9]
+    assert collapse_repeats(loop, 4, 16) == ([5, 6, 7, 1, 2, 9], True)
+    assert collapse_repeats([3] * 10, 4, 16) == ([3], True)
+
+
+def test_collapse_repeats_leaves_short_repetitions_alone() -> None:
+    hello = [10, 11, 10, 11, 10, 11, 12]  # "Hello. Hello. Hello. Oh" is real speech: three copies stay
+    assert collapse_repeats(hello, 4, 16) == (hello, False)
+
+
+@settings(max_examples=200)
+@given(st.lists(st.integers(min_value=0, max_value=3), max_size=60))
+def test_collapse_repeats_output_has_no_long_runs_and_is_stable(tokens: list[int]) -> None:
+    collapsed, changed = collapse_repeats(tokens, 4, 8)
+    assert changed == (collapsed != tokens)
+    assert len(collapsed) <= len(tokens)
+    assert collapse_repeats(collapsed, 4, 8) == (collapsed, False)
+    for size in range(1, 9):
+        for start in range(len(collapsed) - 4 * size + 1):
+            gram = collapsed[start : start + size]
+            assert any(collapsed[start + k * size : start + (k + 1) * size] != gram for k in range(1, 4))
