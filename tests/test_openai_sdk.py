@@ -3,16 +3,19 @@ real `brook serve`, plus the pure request parsing."""
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed
 
 from app.repository import ModelRepository
 from app.server.openai_api import OpenAIError, parse_chat_request, parse_completion_request, parse_model
-from tests.conftest import ARTIFACT_DIR, require_models
+from tests.conftest import ALL_MODELS, ARTIFACT_DIR, require_models
 from tests.server_process import RunningServer, run_server
 
 openai = pytest.importorskip("openai", reason="the `openai` SDK is in the dev extra: pip install -e '.[dev]'")
@@ -150,9 +153,25 @@ def test_a_client_that_disconnects_cancels_its_generation(client: openai.OpenAI,
     assert after_timeout - after_stream < COUNTING_MAX_TOKENS / 2, "a JSON request is cancelled on disconnect too"
 
 
+async def _realtime_first_event(base_url: str, api_key: str) -> tuple[str, Any]:
+    """The type of the realtime socket's first event, and the close code once the server closed it (or None)."""
+    async with (
+        openai.AsyncOpenAI(base_url=base_url, api_key=api_key, max_retries=0) as sdk,
+        sdk.realtime.connect(extra_query={"intent": "transcription"}) as connection,
+    ):
+        first = await connection.recv()
+        try:
+            await asyncio.wait_for(connection.recv(), 2.0)
+        except ConnectionClosed as closed:
+            return first.type, closed.rcvd.code if closed.rcvd else None
+        except TimeoutError:
+            pass
+        return first.type, None
+
+
 def test_api_key_auth_with_the_sdk(model_repository: ModelRepository) -> None:
-    require_models(model_repository, MODEL)
-    with run_server(ARTIFACT_DIR / "logs", models=MODEL, api_keys="sekret-key") as server:
+    require_models(model_repository, MODEL, "whisper-tiny-en", "silero-vad")
+    with run_server(ARTIFACT_DIR / "logs", models=ALL_MODELS, api_keys="sekret-key") as server:
         base_url = f"{server.http}/v1"
         with openai.OpenAI(base_url=base_url, api_key="wrong-key", max_retries=0) as wrong:
             with pytest.raises(openai.AuthenticationError) as denied:
@@ -165,6 +184,9 @@ def test_api_key_auth_with_the_sdk(model_repository: ModelRepository) -> None:
             assert "Paris" in (reply.choices[0].message.content or "")
             models = right.models.list().data
             assert MODEL in [model.id for model in models] and all(model.object == "model" for model in models)
+        # The realtime socket takes the same Bearer key: a wrong one is answered with an error and close 1008.
+        assert asyncio.run(_realtime_first_event(base_url, "wrong-key")) == ("error", 1008)
+        assert asyncio.run(_realtime_first_event(base_url, "sekret-key"))[0] == "session.created"
 
 
 # ---- pure parsing -------------------------------------------------------------------------------------------------
