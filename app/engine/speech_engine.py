@@ -108,12 +108,16 @@ class SpeechEngineSettings:
 
     def segmentation(self, options: StreamOptions) -> SegmentationConfig:
         """The segmentation of one stream: engine settings plus the client's options."""
+        threshold, neg_threshold = self.vad_threshold, self.vad_neg_threshold
+        if options.vad_threshold is not None:  # a client's own threshold keeps the engine's hysteresis gap
+            threshold = options.vad_threshold
+            neg_threshold = max(0.01, threshold - (self.vad_threshold - self.vad_neg_threshold))
         return SegmentationConfig.from_ms(
-            threshold=self.vad_threshold,
-            neg_threshold=self.vad_neg_threshold,
+            threshold=threshold,
+            neg_threshold=neg_threshold,
             min_speech_ms=self.min_speech_ms,
             silence_ms=options.vad_silence_ms,
-            speech_pad_ms=self.speech_pad_ms,
+            speech_pad_ms=self.speech_pad_ms if options.speech_pad_ms is None else options.speech_pad_ms,
             partial_interval_s=self.partial_interval_s if options.interim_results else None,
             max_utterance_s=self.max_utterance_s,
             cut_search_s=min(self.cut_search_s, self.max_utterance_s / 2),

@@ -40,7 +40,13 @@ class StreamOptions:
 
     interim_results: bool = True  # send partial transcripts
     vad_silence_ms: int = 500  # silence that ends an utterance
+    vad_threshold: float | None = None  # speech probability that starts speech (None: the engine's setting)
+    speech_pad_ms: int | None = None  # audio kept before detected speech (None: the engine's setting)
 
     def __post_init__(self) -> None:
         if not 100 <= self.vad_silence_ms <= 10_000:
             raise ValueError(f"vad_silence_ms must lie in 100..10000, got {self.vad_silence_ms}")
+        if self.vad_threshold is not None and not 0.0 < self.vad_threshold < 1.0:
+            raise ValueError(f"vad_threshold must lie in (0, 1), got {self.vad_threshold}")
+        if self.speech_pad_ms is not None and not 0 <= self.speech_pad_ms <= 2_000:
+            raise ValueError(f"speech_pad_ms must lie in 0..2000, got {self.speech_pad_ms}")

@@ -93,8 +93,12 @@ class SessionConfig:
     turn_detection: ServerVad | None = field(default_factory=ServerVad)
 
     def stream_options(self) -> StreamOptions:
-        silence = MAX_VAD_SILENCE_MS if self.turn_detection is None else self.turn_detection.silence_duration_ms
-        return StreamOptions(interim_results=True, vad_silence_ms=silence)
+        if self.turn_detection is None:
+            return StreamOptions(interim_results=True, vad_silence_ms=MAX_VAD_SILENCE_MS)
+        vad = self.turn_detection
+        return StreamOptions(interim_results=True, vad_silence_ms=vad.silence_duration_ms,
+                             vad_threshold=min(max(vad.threshold, 0.01), 0.99),
+                             speech_pad_ms=min(vad.prefix_padding_ms, 2_000))
 
 
 def _object(value: Any, param: str) -> dict[str, Any]:
@@ -306,8 +310,10 @@ class RealtimeSession:
 
     def session(self) -> dict[str, Any]:
         engine: SpeechEngine = self.segment.served.engine
-        return session_object(self.config, self.session_id, self.segment.served.name, engine.settings.vad_threshold,
-                              engine.settings.speech_pad_ms)
+        options = self.config.stream_options()
+        threshold = engine.settings.vad_threshold if options.vad_threshold is None else options.vad_threshold
+        padding = engine.settings.speech_pad_ms if options.speech_pad_ms is None else options.speech_pad_ms
+        return session_object(self.config, self.session_id, self.segment.served.name, threshold, padding)
 
     # -- segments (reader side) -------------------------------------------------------------------------------
 
