@@ -45,7 +45,7 @@ from app.protocol import (
 from app.server.audio_input import AudioInput
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
-from app.server.ws_session import Connection, admitted, close_normally, run_reader_writer, run_translating_errors
+from app.server.ws_session import Connection, close_normally, run_reader_writer, serve_websocket
 from app.speech.wer import normalize_words
 
 logger = logging.getLogger(__name__)
@@ -528,9 +528,7 @@ def resolve_model(state: ServerState, requested: str) -> ServedVersion:
 
 async def realtime_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.brook
-    async with admitted(websocket, ENDPOINT, state.settings.max_listen_sessions) as connection:
-        if connection is not None:
-            await run_translating_errors(connection, lambda: _session(connection))
+    await serve_websocket(websocket, ENDPOINT, state.settings.max_listen_sessions, _session)
 
 
 async def _session(connection: Connection) -> None:

@@ -28,10 +28,9 @@ from app.server.state import ServerState
 from app.server.text_requests import record_generation, sampling_params
 from app.server.ws_session import (
     Connection,
-    admitted,
     close_normally,
     run_reader_writer,
-    run_translating_errors,
+    serve_websocket,
 )
 from app.text.sampling import SamplingParamsError
 
@@ -50,9 +49,7 @@ class ChatSessionState:
 
 async def chat_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.brook
-    async with admitted(websocket, ENDPOINT, state.settings.max_chat_sessions) as connection:
-        if connection is not None:
-            await run_translating_errors(connection, lambda: _session(connection))
+    await serve_websocket(websocket, ENDPOINT, state.settings.max_chat_sessions, _session)
 
 
 async def _session(connection: Connection) -> None:

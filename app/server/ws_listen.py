@@ -22,10 +22,9 @@ from app.server.audio_input import AudioInput
 from app.server.state import ServerState
 from app.server.ws_session import (
     Connection,
-    admitted,
     close_normally,
     run_reader_writer,
-    run_translating_errors,
+    serve_websocket,
 )
 
 logger = logging.getLogger(__name__)
@@ -34,9 +33,7 @@ ENDPOINT = "listen"
 
 async def listen_endpoint(websocket: WebSocket) -> None:
     state: ServerState = websocket.app.state.brook
-    async with admitted(websocket, ENDPOINT, state.settings.max_listen_sessions) as connection:
-        if connection is not None:
-            await run_translating_errors(connection, lambda: _session(connection))
+    await serve_websocket(websocket, ENDPOINT, state.settings.max_listen_sessions, _session)
 
 
 async def _session(connection: Connection) -> None:

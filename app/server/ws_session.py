@@ -160,6 +160,14 @@ async def admitted(websocket: WebSocket, endpoint: str, limit: int) -> AsyncIter
         connection.closed.set()
 
 
+async def serve_websocket(websocket: WebSocket, endpoint: str, limit: int,
+                          session: Callable[[Connection], Awaitable[None]]) -> None:
+    """The whole life of one endpoint's socket: admission, then `session`, with errors translated once."""
+    async with admitted(websocket, endpoint, limit) as connection:
+        if connection is not None:
+            await run_translating_errors(connection, lambda: session(connection))
+
+
 async def run_translating_errors(connection: Connection, body: Callable[[], Awaitable[None]]) -> None:
     """Run a session body; translate every exception once into an error message and a close code."""
     try:
