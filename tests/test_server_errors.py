@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -112,39 +114,54 @@ def guarded_server(model_repository: ModelRepository) -> Iterator[RunningServer]
         yield server
 
 
-def test_wrong_or_missing_token_closes_1008(guarded_server: RunningServer) -> None:
+def open_sessions(server: RunningServer) -> float:
+    with urllib.request.urlopen(f"{server.http}/metrics") as response:
+        text = response.read().decode()
+    return sum(float(value) for value in re.findall(r"^brook_open_sessions\{[^}]*\} ([0-9.e+]+)$", text, re.M))
+
+
+@pytest.fixture
+def guarded(guarded_server: RunningServer) -> RunningServer:
+    """The guarded server once the previous test's sessions are gone (it admits one listen session at a time)."""
+    deadline = time.monotonic() + 10
+    while open_sessions(guarded_server) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return guarded_server
+
+
+def test_wrong_or_missing_token_closes_1008(guarded: RunningServer) -> None:
     for query in ("", "?token=nope"):
-        messages, code = asyncio.run(exchange(f"{guarded_server.ws}/v1/listen{query}"))
+        messages, code = asyncio.run(exchange(f"{guarded.ws}/v1/listen{query}"))
         assert errors_of(messages) == ["unauthorized"] and code == 1008
 
 
-def test_token_or_bearer_header_is_accepted(guarded_server: RunningServer) -> None:
-    messages, _ = asyncio.run(exchange(f"{guarded_server.ws}/v1/listen?token=k2", '{"type": "end"}'))
+def test_token_or_bearer_header_is_accepted(guarded: RunningServer) -> None:
+    messages, _ = asyncio.run(exchange(f"{guarded.ws}/v1/listen?token=k2", '{"type": "end"}'))
     assert messages[0]["type"] == "ready"
 
     async def with_header() -> str:
-        async with connect(f"{guarded_server.ws}/v1/listen",
+        async with connect(f"{guarded.ws}/v1/listen",
                            additional_headers={"Authorization": "Bearer k1"}) as ws:
             return str(json.loads(await ws.recv())["type"])
 
     assert asyncio.run(with_header()) == "ready"
 
 
-def test_http_api_requires_the_key(guarded_server: RunningServer) -> None:
+def test_http_api_requires_the_key(guarded: RunningServer) -> None:
     with pytest.raises(urllib.error.HTTPError) as info:
-        urllib.request.urlopen(f"{guarded_server.http}/v1/models")
+        urllib.request.urlopen(f"{guarded.http}/v1/models")
     assert info.value.code == 401
-    request = urllib.request.Request(f"{guarded_server.http}/v1/models", headers={"Authorization": "Bearer k1"})
+    request = urllib.request.Request(f"{guarded.http}/v1/models", headers={"Authorization": "Bearer k1"})
     with urllib.request.urlopen(request) as response:
         assert response.status == 200
-    with urllib.request.urlopen(f"{guarded_server.http}/healthz") as response:
+    with urllib.request.urlopen(f"{guarded.http}/healthz") as response:
         assert response.status == 200, "health stays open for probes"
 
 
-def test_foreign_origin_is_refused_with_403(guarded_server: RunningServer) -> None:
+def test_foreign_origin_is_refused_with_403(guarded: RunningServer) -> None:
     async def attempt(origin: str) -> int:
         try:
-            async with connect(f"{guarded_server.ws}/v1/listen?token=k1", origin=origin) as ws:  # type: ignore[arg-type]
+            async with connect(f"{guarded.ws}/v1/listen?token=k1", origin=origin) as ws:  # type: ignore[arg-type]
                 await ws.recv()
                 return 101
         except InvalidStatus as exc:
@@ -154,12 +171,12 @@ def test_foreign_origin_is_refused_with_403(guarded_server: RunningServer) -> No
     assert asyncio.run(attempt("https://app.example")) == 101
 
 
-def test_over_capacity_handshake_gets_503_with_retry_after(guarded_server: RunningServer) -> None:
+def test_over_capacity_handshake_gets_503_with_retry_after(guarded: RunningServer) -> None:
     async def scenario() -> tuple[int, str | None, dict[str, Any]]:
-        async with connect(f"{guarded_server.ws}/v1/listen?token=k1") as first:
+        async with connect(f"{guarded.ws}/v1/listen?token=k1") as first:
             await first.recv()
             try:
-                async with connect(f"{guarded_server.ws}/v1/listen?token=k1"):
+                async with connect(f"{guarded.ws}/v1/listen?token=k1"):
                     raise AssertionError("a second session must be refused")
             except InvalidStatus as exc:
                 body = json.loads(exc.response.body or b"{}")
@@ -169,9 +186,9 @@ def test_over_capacity_handshake_gets_503_with_retry_after(guarded_server: Runni
     assert status == 503 and retry_after == "7" and body["code"] == "overloaded"
 
 
-def test_idle_session_closes_with_idle_timeout(guarded_server: RunningServer) -> None:
+def test_idle_session_closes_with_idle_timeout(guarded: RunningServer) -> None:
     async def scenario() -> tuple[list[dict[str, Any]], int | None]:
-        async with connect(f"{guarded_server.ws}/v1/listen?token=k1") as ws:
+        async with connect(f"{guarded.ws}/v1/listen?token=k1") as ws:
             messages = [json.loads(await ws.recv())]
             try:
                 while True:
