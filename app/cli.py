@@ -152,6 +152,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from app.text import local_chat
 
     params = _sampling_options(args).to_params()  # bad values fail before the model loads
+    if args.no_template and args.system is not None:
+        raise BrookError("--system needs the chat template; drop --system or --no-template")
     loaded = local_chat.load_text_model(args.model_dir, args.model, args.version)
 
     async def run() -> None:

@@ -166,6 +166,8 @@ async def generate(
         messages = [("user", prompt)] if system is None else [("system", system), ("user", prompt)]
         conversation = engine.open_conversation()
         generation = _start(engine, lambda: engine.chat(conversation, messages, params))
+    elif system is not None:
+        raise GenerateRequestError("a system prompt needs the chat template; drop --system or --no-template")
     else:
         generation = _start(engine, lambda: engine.complete(prompt, params))
     done = await stream_generation(generation, out, as_json=as_json)
