@@ -398,6 +398,11 @@ class SpeechEngine:
         return len(self._streams)
 
     @property
+    def waiting_requests(self) -> int:
+        """Streams with audio the engine has not settled yet (the speech engine's queue depth)."""
+        return sum(1 for stream_id in self._streams if self._scheduler.backlog(stream_id) > 0)
+
+    @property
     def busy_seconds(self) -> float:
         """Seconds the inference thread has spent in runner calls so far."""
         return self._busy_s

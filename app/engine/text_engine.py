@@ -219,6 +219,11 @@ class TextEngine:
         return self._scheduler.num_running + self._scheduler.num_waiting
 
     @property
+    def waiting_requests(self) -> int:
+        """Generations admitted but not yet running (the queue behind the KV slots)."""
+        return self._scheduler.num_waiting
+
+    @property
     def slots_in_use(self) -> int:
         """KV slots held by conversations (running or idle) and one-off completions."""
         return self._scheduler.slots_in_use

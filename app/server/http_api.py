@@ -92,6 +92,7 @@ async def metrics(request: Request) -> Response:
         # Speech engines count streams, text engines generations (and hold KV slots).
         active = int(getattr(engine, "active_streams", 0) or getattr(engine, "active_requests", 0))
         state.metrics.engine_active.labels(*labels).set(active)
+        state.metrics.queue_depth.labels(*labels).set(int(getattr(engine, "waiting_requests", 0)))
         if hasattr(engine, "slots_in_use"):
             state.metrics.engine_slots.labels(*labels).set(float(engine.slots_in_use))
     return Response(state.metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
