@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -20,7 +21,7 @@ def _models_required() -> bool:
     return bool(os.environ.get("CI") or os.environ.get("BROOK_REQUIRE_MODELS"))
 
 
-def missing(reason: str) -> None:
+def missing(reason: str) -> NoReturn:
     """Fail in CI, skip loudly elsewhere. Never let a test pass without the thing it tests."""
     message = f"MISSING: {reason}. Run `make test` (it fetches models) or `brook models fetch`."
     if _models_required():

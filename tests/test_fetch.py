@@ -17,6 +17,7 @@ from app.convert.sources import extract_sources, fetch_distribution
 from app.errors import FetchError, ModelError
 from app.repository import ModelRepository, load_model_spec
 from app.repository.spec import SourceSpec
+from tests.conftest import missing
 
 WHEEL_NAME = "brooktoy-1.0-py3-none-any.whl"
 
@@ -93,7 +94,7 @@ def test_build_is_idempotent_and_rebuilds_a_tampered_version(
     try:
         first = build_version(spec, 1)
     except FetchError as exc:
-        pytest.skip(f"MISSING: the silero-vad wheel could not be fetched: {exc}")
+        missing(f"the silero-vad wheel could not be fetched: {exc}")
     assert first.built
     second = build_version(spec, 1)
     assert not second.built, "a second fetch must do nothing"

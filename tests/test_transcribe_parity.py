@@ -18,6 +18,7 @@ import pytest
 from app.speech.transcribe import TranscriptionResult, transcribe, transcribe_windows
 from app.speech.wer import word_error_rate
 from app.speech.whisper_runner import WhisperRunner
+from tests.conftest import missing
 from tests.whisper_test_audio import (
     GOLDEN_DIR,
     INT8_MODEL_DIR_ENV,
@@ -71,7 +72,7 @@ def fp32_results(runner: WhisperRunner, clips: dict[str, Path]) -> dict[str, Tra
 
 def clip_audio(clips: dict[str, Path], clip: str) -> np.ndarray:
     if clip not in clips:
-        pytest.skip(f"clip {clip!r} is not among the provided speech clips {sorted(clips)}")
+        missing(f"clip {clip!r} is not among the provided speech clips {sorted(clips)}")
     audio = read_clip(clips[clip])
     digest = hashlib.sha256(np.ascontiguousarray(audio, dtype="<f4").tobytes()).hexdigest()
     assert digest == golden(clip)["samples_sha256"], f"{clip}: the clip's samples differ from the golden's source"
@@ -94,7 +95,7 @@ def test_fp32_transcript_equals_faster_whisper(clip: str, fp32_results: dict[str
 @pytest.mark.parametrize("clip", SILENT_CLIPS)
 def test_silence_and_noise_give_no_text(clip: str, fp32_results: dict[str, TranscriptionResult]) -> None:
     if clip not in fp32_results:
-        pytest.skip(f"no golden for {clip}")
+        raise AssertionError(f"no golden result for {clip}")
     assert fp32_results[clip].segments == []
     assert fp32_results[clip].text == ""
 

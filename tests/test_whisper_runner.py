@@ -9,6 +9,7 @@ import pytest
 
 from app.speech.features import TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram, pad_or_trim_frames
 from app.speech.whisper_runner import EncoderOutput, WhisperRunner
+from tests.conftest import missing
 from tests.whisper_test_audio import MODEL_DIR_ENV, find_speech_clips, load_converted_model, read_clip
 
 pytestmark = pytest.mark.slow
@@ -27,7 +28,7 @@ def windows(request: pytest.FixtureRequest, runner: WhisperRunner) -> np.ndarray
     mels = []
     for name in ("telephone", "meeting_dev00", "silence"):
         if name not in clips:
-            pytest.skip(f"clip {name!r} missing from {sorted(clips)}")
+            missing(f"clip {name!r} missing from {sorted(clips)}")
         audio = read_clip(clips[name])
         features = log_mel_spectrogram(audio, padding_samples=TRANSCRIBE_PADDING_SAMPLES)[:, :-1]
         mels.append(pad_or_trim_frames(features, runner.max_frames))

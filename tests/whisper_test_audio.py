@@ -37,10 +37,10 @@ def find_speech_clips(request: pytest.FixtureRequest) -> dict[str, Path]:
         return {str(name): Path(path) for name, path in dict(clips).items()}
     audio_dir = os.environ.get(AUDIO_DIR_ENV)
     if not audio_dir:
-        pytest.skip(f"no speech clips: no `speech_clips` fixture and {AUDIO_DIR_ENV} is not set")
+        missing(f"no speech clips: no `speech_clips` fixture and {AUDIO_DIR_ENV} is not set")
     found = {path.stem: path for path in Path(audio_dir).glob("*.wav")}
     if not found:
-        pytest.skip(f"no speech clips: {AUDIO_DIR_ENV}={audio_dir} holds no .wav files")
+        missing(f"no speech clips: {AUDIO_DIR_ENV}={audio_dir} holds no .wav files")
     return found
 
 
@@ -74,4 +74,4 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
             config = data.get("config", data) if name == "manifest.json" else data
             if "timestamp_begin" in config:
                 return dict(config)
-    pytest.skip(f"no Whisper config dict (with timestamp_begin) next to the graphs in {model_dir}")
+    missing(f"no Whisper config dict (with timestamp_begin) next to the graphs in {model_dir}")
