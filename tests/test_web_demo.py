@@ -189,6 +189,105 @@ def test_chat_reply_streams_in_pieces_shows_timings_and_stop_cancels(brook_serve
     assert page.evaluate("document.activeElement.id") == "prompt"
 
 
+RECORD_BANNERS = """() => {
+  window.__banners = [];
+  new MutationObserver(() => {
+    const banner = document.getElementById('banner');
+    const text = document.getElementById('banner-text').textContent;
+    if (!banner.hidden) window.__banners.push(banner.dataset.kind + ': ' + text);
+  }).observe(document.getElementById('banner'), {subtree: true, childList: true, attributes: true,
+                                                  characterData: true});
+}"""
+
+
+def test_dropped_chat_socket_reconnects_with_backoff_into_a_new_conversation(
+    brook_server: RunningServer, page: Any
+) -> None:
+    """/v1/chat passes through to the real server; the test then drops both sides, as a crash or restart would."""
+    connections: list[tuple[Any, Any]] = []
+
+    def pass_through(ws: Any) -> None:
+        connections.append((ws, ws.connect_to_server()))
+
+    page.route_web_socket("**/v1/chat*", pass_through)
+    page.goto(brook_server.http + "/")
+    page.wait_for_selector("#chat-model option", state="attached")
+    _ask(page, "Say hello.")
+    page.wait_for_selector("#messages .message.assistant[data-finish]", timeout=WAIT_MS)
+    assert len(connections) == 1
+    page.evaluate(RECORD_BANNERS)
+
+    page_side, server_side = connections[0]
+    server_side.close()
+    page_side.close(code=1011, reason="server went away")
+    page.wait_for_selector("#messages .notice", timeout=WAIT_MS)
+    banners: list[str] = page.evaluate("window.__banners")
+    assert any(b.startswith("reconnecting: Chat connection lost. Reconnecting in") for b in banners), banners
+    assert len(connections) == 2
+    assert "new conversation" in (page.text_content("#messages .notice") or "")
+    page.wait_for_selector("#banner", state="hidden")
+    screenshot(page, "chat-reconnected")
+
+    _ask(page, "Say goodbye.")
+    page.wait_for_function("document.querySelectorAll('#messages .message.assistant[data-finish]').length === 2",
+                           timeout=WAIT_MS)
+    finishes = page.eval_on_selector_all("#messages .message.assistant", "els => els.map(e => e.dataset.finish)")
+    assert set(finishes) <= {"stop", "length"}, finishes
+    assert len(connections) == 2
+
+
+def test_speech_started_cancels_a_streaming_reply_when_the_voice_assistant_is_on(
+    brook_server: RunningServer, page: Any
+) -> None:
+    """Barge-in: both sockets are routed to fakes that speak the documented protocol, so the timing is the test's."""
+    listen_routes: list[Any] = []
+    chat_received: list[dict[str, Any]] = []
+
+    def fake_listen(ws: Any) -> None:
+        ws.on_message(lambda message: None)  # PCM from the fake microphone
+        ws.send(json.dumps({"type": "ready", "session_id": "fake-listen", "model": "whisper-tiny-en", "version": 1,
+                            "sample_rate": 16000, "encoding": "pcm_s16le", "interim_results": True,
+                            "vad_silence_ms": 500}))
+        listen_routes.append(ws)
+
+    def fake_chat(ws: Any) -> None:
+        def on_message(message: str | bytes) -> None:
+            body = json.loads(message)
+            chat_received.append(body)
+            if body["type"] == "chat":  # a reply that streams until something stops it
+                for piece in ["Once ", "upon ", "a ", "time"]:
+                    ws.send(json.dumps({"type": "token", "text": piece}))
+            elif body["type"] == "cancel":
+                ws.send(json.dumps({"type": "done", "finish_reason": "cancelled",
+                                    "usage": {"prompt_tokens": 5, "completion_tokens": 4, "cached_tokens": 0},
+                                    "timings": {"ttft_ms": 10.0, "tokens_per_s": 40.0}}))
+
+        ws.on_message(on_message)
+        ws.send(json.dumps({"type": "ready", "session_id": "fake-chat", "model": "smollm2-135m-instruct",
+                            "version": 1, "context_length": 2048}))
+
+    page.route_web_socket("**/v1/listen*", fake_listen)
+    page.route_web_socket("**/v1/chat*", fake_chat)
+    page.goto(brook_server.http + "/")
+    page.wait_for_selector("#chat-model option", state="attached")
+    page.check("#assistant")
+    page.click("#mic")
+    page.wait_for_selector("body[data-listen='ready']", timeout=WAIT_MS)
+    _ask(page, "Tell me a long story.")
+    page.wait_for_function("document.body.dataset.chat === 'streaming' && document.querySelector("
+                           "'#messages .message.assistant .body').textContent.includes('time')", timeout=WAIT_MS)
+    assert [m["type"] for m in chat_received] == ["chat"]
+
+    listen_routes[0].send(json.dumps({"type": "speech_started", "utterance": 0, "start": 1.2}))
+    page.wait_for_selector("#messages .message.assistant[data-finish='cancelled']", timeout=WAIT_MS)
+    assert [m["type"] for m in chat_received] == ["chat", "cancel"]
+    assert chat_received[1] == {"type": "cancel"}
+    assert page.get_attribute("#speech", "data-active") == "true"
+    assert "stopped" in (page.text_content("#messages .message.assistant .meta") or "")
+    assert page.is_enabled("#send") and page.is_disabled("#stop")
+    page.click("#mic")  # stop
+
+
 def test_model_output_html_is_shown_as_text_never_executed(brook_server: RunningServer, page: Any) -> None:
     """The reply arrives over a routed /v1/chat that speaks the documented protocol but sends hostile text."""
     hostile = ["Look: ", "<img src=x onerror=\"window.__pwned=1\">", " and <script>window.__pwned=2</script> ",
@@ -286,6 +385,8 @@ def test_stream_a_file_as_fast_as_possible_on_a_pinned_version(
     finals: list[str] = page.eval_on_selector_all("#transcript li.final .text", "els => els.map(e => e.textContent)")
     wer = word_error_rate(offline_transcript(model_repository, speech_clips["telephone"]), " ".join(finals))
     assert wer <= MAX_BROWSER_WER, (wer, finals)
+    # Audio sent far ahead of real time makes speech-to-partial latency meaningless, so the page hides it.
+    assert page.is_hidden("#latency-stat")
     screenshot(page, "file-streamed")
 
 

@@ -299,6 +299,7 @@ async function startMic() {
   if (listen.active) return;
   listen.active = true;
   listen.mode = "mic";
+  $("latency-stat").hidden = false;
   setMicUi(true);
   setSpeech(false, "Connecting");
   try {
@@ -370,13 +371,15 @@ async function streamFile(file) {
   listen.active = true;
   listen.mode = "file";
   listen.fileAbort = false;
+  // At full speed the audio leaves far ahead of real time, so speech-to-partial latency means nothing: hide it.
+  const realtime = $("pace").value === "realtime";
+  $("latency-stat").hidden = !realtime;
   listen.samplesSent = 0;
   listen.sentLog = [];
   setSpeech(false, "Connecting");
   if (!(await openListenSocket())) return;
   setSpeech(false, "Streaming file");
   const chunk = Math.round(STREAM_RATE_HZ * CHUNK_SECONDS);
-  const realtime = $("pace").value === "realtime";
   const started = performance.now();
   for (let offset = 0; offset < samples.length && !listen.fileAbort; offset += chunk) {
     const slice = samples.subarray(offset, offset + chunk);
@@ -404,7 +407,7 @@ async function streamFile(file) {
 // ---------- chat ----------
 const chat = {
   socket: null, streaming: false, reply: null, text: "", sentAt: 0, firstTokenAt: 0, tokens: 0,
-  pending: null, reconnectAttempt: 0, queued: [],
+  pending: null, reconnectAttempt: 0, reconnectTimer: null, dropped: false, queued: [],
 };
 
 function scrollToEnd(element) { element.scrollTop = element.scrollHeight; }
@@ -435,7 +438,10 @@ function setStreaming(on) {
   document.body.dataset.chat = on ? "streaming" : "idle";
 }
 
-function connectChat() {
+// `quiet`: a background reconnect attempt, whose failure schedules the next attempt instead of a banner.
+function connectChat(quiet = false) {
+  if (chat.reconnectTimer) { clearTimeout(chat.reconnectTimer); chat.reconnectTimer = null; }
+  if (chat.socket) { const old = chat.socket; chat.socket = null; old.close(); }
   return new Promise((resolve) => {
     const { model, version } = modelChoice($("chat-model"));
     const socket = new WebSocket(wsUrl("/v1/chat", { model, version }));
@@ -450,6 +456,10 @@ function connectChat() {
         hideBanner();
         $("chat-version").hidden = false;
         $("chat-version").textContent = `${message.model} v${message.version}`;
+        if (chat.dropped) {
+          chat.dropped = false;
+          showChatNotice("Reconnected. This is a new conversation: the server no longer has the earlier turns.");
+        }
         resolve(true);
       } else if (message.type === "token") {
         onToken(message.text);
@@ -464,21 +474,63 @@ function connectChat() {
       }
     };
     socket.onclose = async () => {
-      if (chat.socket === socket) chat.socket = null;
-      const wasStreaming = chat.streaming;
-      if (chat.reply) failReply("The reply was interrupted.");
+      // A socket the page replaced or closed on purpose (new key, other model) is not a drop.
+      const current = chat.socket === socket;
+      if (current) chat.socket = null;
+      if (chat.reply && !chat.socket) failReply("The reply was interrupted: the connection dropped.");
+      if (!current) { resolve(false); return; }
       if (!opened) {
         const diagnosis = await diagnoseHandshakeFailure();
+        if (quiet && diagnosis.code !== "unauthorized") { resolve(false); return; }
         showBanner(diagnosis.text, diagnosis.code, retryChat);
         resolve(false);
       } else if (fatal) {
         showBanner(describeError(fatal), fatal.code, retryChat);
         resolve(false);
-      } else if (wasStreaming) {
-        showBanner("The chat connection dropped. The conversation on the server is gone; retry to reconnect.", "dropped", retryChat);
+      } else {
+        // Dropped after it worked: the server's conversation is gone; reconnect with backoff.
+        chat.dropped = true;
+        resolve(false);
+        scheduleChatReconnect();
       }
     };
   });
+}
+
+// Reconnect a dropped chat socket with backoff, like the listen socket.
+function scheduleChatReconnect() {
+  const attempt = chat.reconnectAttempt++;
+  if (attempt >= BACKOFF_MS.length) {
+    chat.reconnectAttempt = 0;
+    showBanner("The chat connection dropped and could not be restored.", "dropped", retryChat);
+    return;
+  }
+  const delay = BACKOFF_MS[attempt];
+  showBanner(`Chat connection lost. Reconnecting in ${(delay / 1000).toFixed(1)} s (attempt ${attempt + 1} of ${BACKOFF_MS.length})…`, "reconnecting", null);
+  chat.reconnectTimer = setTimeout(async () => {
+    chat.reconnectTimer = null;
+    if (chat.socket) return; // already reconnected, e.g. by sending a message
+    const ok = await connectChat(true);
+    if (!ok && !chat.socket && !chat.reconnectTimer && $("banner").dataset.kind !== "unauthorized") scheduleChatReconnect();
+  }, delay);
+}
+
+function showChatNotice(text) {
+  const notice = document.createElement("p");
+  notice.className = "notice";
+  notice.setAttribute("role", "status");
+  notice.textContent = text;
+  messagesBox().append(notice);
+  scrollToEnd($("messages"));
+}
+
+// Close the chat socket on purpose (new key, other model): no reconnect.
+function closeChat() {
+  const socket = chat.socket;
+  chat.socket = null;
+  if (chat.reconnectTimer) { clearTimeout(chat.reconnectTimer); chat.reconnectTimer = null; }
+  chat.reconnectAttempt = 0;
+  if (socket) socket.close();
 }
 
 function retryChat() {
@@ -581,7 +633,7 @@ function init() {
   $("key-form").addEventListener("submit", (event) => {
     event.preventDefault();
     localStorage.setItem(KEY_STORAGE, apiKey());
-    if (chat.socket) chat.socket.close();
+    closeChat();
     hideBanner();
     loadModels();
   });
@@ -594,7 +646,7 @@ function init() {
     event.target.value = "";
   });
   $("listen-model").addEventListener("change", () => { if (listen.active) { stopMic(); startMic(); } });
-  $("chat-model").addEventListener("change", () => { if (chat.socket) chat.socket.close(); });
+  $("chat-model").addEventListener("change", closeChat);
   $("chat-form").addEventListener("submit", (event) => {
     event.preventDefault();
     const text = $("prompt").value.trim();
