@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +27,9 @@ from app.server.openai_realtime import (
     apply_session_update,
     new_words,
 )
-from app.speech.transcribe import transcribe
 from app.speech.wer import word_error_rate
-from app.speech.whisper_runner import WhisperRunner
-from tests.conftest import load_model
 from tests.server_process import RunningServer
+from tests.whisper_test_audio import offline_transcript
 
 openai = pytest.importorskip("openai", reason="the `openai` SDK is in the dev extra: pip install -e '.[dev]'")
 
@@ -44,21 +41,6 @@ EVENT_TIMEOUT_S = 60.0
 MAX_LIVE_WER = 0.15
 DELTA = "conversation.item.input_audio_transcription.delta"
 COMPLETED = "conversation.item.input_audio_transcription.completed"
-
-
-@functools.cache
-def _offline_text(path: Path, seconds: float | None, model_dir: Path) -> str:
-    loaded = ModelRepository(model_dir).load("whisper-tiny-en", 1)
-    audio = load_audio(path)
-    if seconds is not None:
-        audio = audio[: int(seconds * 16000)]
-    return transcribe(audio, WhisperRunner(loaded.directory, loaded.manifest.config)).text
-
-
-def offline(model_repository: ModelRepository, path: Path, seconds: float | None = None) -> str:
-    """What `brook transcribe` prints for the file (whisper-tiny-en v1)."""
-    load_model(model_repository, "whisper-tiny-en", 1)
-    return _offline_text(path, seconds, model_repository.root)
 
 
 def pcm16_base64(audio: np.ndarray) -> str:
@@ -136,7 +118,7 @@ def test_sdk_realtime_client_transcribes_a_recording_like_brook_transcribe(
     assert len(updated) == 1 and updated[0].session.audio.input.turn_detection.silence_duration_ms == 500
     started, completed, deltas = result.of("input_audio_buffer.speech_started"), result.of(COMPLETED), result.of(DELTA)
     assert started and completed and deltas
-    wer = word_error_rate(offline(model_repository, speech_clips["telephone"]), result.transcript)
+    wer = word_error_rate(offline_transcript(model_repository, speech_clips["telephone"]), result.transcript)
     assert wer <= MAX_LIVE_WER, (wer, result.transcript)
     first_started = result.index("input_audio_buffer.speech_started", started[0].item_id)
     assert result.received_at[first_started] < result.audio_sent_at, "speech is reported while audio still streams"
@@ -172,7 +154,8 @@ def test_manual_turns_at_16_khz_make_one_item_per_commit(
     committed, completed = result.of("input_audio_buffer.committed"), result.of(COMPLETED)
     assert len(committed) == 1 and len(completed) == 1 and committed[0].item_id == completed[0].item_id
     assert completed[0].usage.seconds == pytest.approx(seconds, abs=0.05)
-    wer = word_error_rate(offline(model_repository, speech_clips["meeting_dev00"], seconds), result.transcript)
+    reference = offline_transcript(model_repository, speech_clips["meeting_dev00"], seconds)
+    wer = word_error_rate(reference, result.transcript)
     assert wer <= MAX_LIVE_WER, (wer, result.transcript)
 
 

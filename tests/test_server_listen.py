@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import functools
 from pathlib import Path
 
 import numpy as np
@@ -11,28 +10,14 @@ import soxr
 
 from app.audio import load_audio
 from app.repository import ModelRepository
-from app.speech.transcribe import transcribe
 from app.speech.wer import word_error_rate
-from app.speech.whisper_runner import WhisperRunner
-from tests.conftest import load_model
 from tests.server_process import RunningServer
+from tests.whisper_test_audio import offline_transcript
 from tests.ws_clients import stream_audio
 
 # Streaming cuts the audio at pauses the VAD finds and decodes each utterance alone, so a few words at the
 # utterance edges can differ from offline 30 s windows. Measured on these clips: 0.00-0.06.
 MAX_STREAMING_WER = 0.15
-
-
-@functools.cache
-def _offline_text(path: Path, model_dir: Path) -> str:
-    loaded = ModelRepository(model_dir).load("whisper-tiny-en", 1)
-    return transcribe(load_audio(path), WhisperRunner(loaded.directory, loaded.manifest.config)).text
-
-
-def offline(model_repository: ModelRepository, path: Path) -> str:
-    """What `brook transcribe` prints for the file (version 1), computed once per file."""
-    load_model(model_repository, "whisper-tiny-en", 1)
-    return _offline_text(path, model_repository.root)
 
 
 def test_real_time_stream_matches_offline_and_partials_arrive_while_speaking(
@@ -44,7 +29,7 @@ def test_real_time_stream_matches_offline_and_partials_arrive_while_speaking(
     finals, partials = result.of("final"), result.of("partial")
     assert finals, result.events
     assert result.events[-1]["type"] == "end" and result.close_code == 1000
-    wer = word_error_rate(offline(model_repository, speech_clips["telephone"]), result.final_text)
+    wer = word_error_rate(offline_transcript(model_repository, speech_clips["telephone"]), result.final_text)
     assert wer <= MAX_STREAMING_WER, (wer, result.final_text)
     # Partials arrive while the audio is still being sent, not only at the end.
     last_chunk_sent = result.sent_until[-1]
@@ -65,7 +50,7 @@ def test_four_times_real_time_at_44k1_matches_offline(
     url = f"{brook_server.ws}/v1/listen?sample_rate=44100"
     result = asyncio.run(stream_audio(url, at_44k1, speed=4.0, rate=44100))
     assert result.ready["sample_rate"] == 44100
-    wer = word_error_rate(offline(model_repository, speech_clips["telephone"]), result.final_text)
+    wer = word_error_rate(offline_transcript(model_repository, speech_clips["telephone"]), result.final_text)
     assert wer <= MAX_STREAMING_WER, (wer, result.final_text)
 
 

@@ -16,13 +16,11 @@ import pytest
 import soundfile as sf
 from websockets.sync.client import connect
 
-from app.audio import load_audio
 from app.repository import ModelRepository
-from app.speech.transcribe import transcribe
 from app.speech.wer import word_error_rate
-from app.speech.whisper_runner import WhisperRunner
-from tests.conftest import ARTIFACT_DIR, load_model, missing, require_models
+from tests.conftest import ARTIFACT_DIR, missing, require_models
 from tests.server_process import RunningServer, run_server
+from tests.whisper_test_audio import offline_transcript
 
 playwright_sync = pytest.importorskip("playwright.sync_api", reason="MISSING: playwright (pip install -e .[dev])")
 
@@ -83,11 +81,6 @@ def page(browser: Any) -> Iterator[Any]:
 def screenshot(page: Any, name: str) -> None:
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / f"{name}.png"), full_page=True)
-
-
-def offline_transcript(model_repository: ModelRepository, path: Path) -> str:
-    loaded = load_model(model_repository, "whisper-tiny-en", 1)
-    return transcribe(load_audio(path), WhisperRunner(loaded.directory, loaded.manifest.config)).text
 
 
 RECORD_TRANSCRIPT_ORDER = """() => {

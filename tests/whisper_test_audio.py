@@ -7,6 +7,7 @@ Clips come from the ``speech_clips`` fixture when tests/conftest.py provides it,
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from pathlib import Path
@@ -75,3 +76,22 @@ def read_model_config(model_dir: Path) -> dict[str, Any]:
             if "timestamp_begin" in config:
                 return dict(config)
     missing(f"no Whisper config dict (with timestamp_begin) next to the graphs in {model_dir}")
+
+
+@functools.cache
+def _offline_text(path: Path, seconds: float | None, model_root: Path) -> str:
+    from app.audio import load_audio
+    from app.speech.transcribe import transcribe
+    from app.speech.whisper_runner import WhisperRunner
+
+    loaded = ModelRepository(model_root).load("whisper-tiny-en", 1)
+    audio = load_audio(path)
+    if seconds is not None:
+        audio = audio[: int(seconds * 16000)]
+    return transcribe(audio, WhisperRunner(loaded.directory, loaded.manifest.config)).text
+
+
+def offline_transcript(model_repository: ModelRepository, path: Path, seconds: float | None = None) -> str:
+    """What `brook transcribe` prints for the file (whisper-tiny-en v1), computed once per file per session."""
+    load_model(model_repository, "whisper-tiny-en", 1)
+    return _offline_text(path, seconds, model_repository.root)
