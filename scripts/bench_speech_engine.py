@@ -59,9 +59,11 @@ class Observer:
     partial_latencies: list[float] = field(default_factory=list)
     final_latencies: list[float] = field(default_factory=list)
     batches: dict[str, list[int]] = field(default_factory=dict)
+    stage_seconds: dict[str, float] = field(default_factory=dict)
 
     def on_batch(self, stage: str, size: int, seconds: float) -> None:
         self.batches.setdefault(stage, []).append(size)
+        self.stage_seconds[stage] = self.stage_seconds.get(stage, 0.0) + seconds
 
     def on_partial_latency(self, seconds: float) -> None:
         self.partial_latencies.append(seconds)
@@ -150,6 +152,7 @@ async def run_level(
         "drain_s": max(drain for _, drain in results),
         "partials_per_stream": statistics.mean(partials for partials, _ in results),
         "mean_encode_batch": statistics.mean(encode_sizes) if encode_sizes else 0.0,
+        **{f"{stage}_s_per_audio_s": seconds / audio_s for stage, seconds in observer.stage_seconds.items()},
     }
 
 
@@ -194,6 +197,8 @@ def main() -> int:
             f"{row['partials_per_stream']:>15.1f} {row['mean_encode_batch']:>9.2f}",
             flush=True,
         )
+        stages = ", ".join(f"{key[:-14]} {value:.3f}" for key, value in row.items() if key.endswith("_s_per_audio_s"))
+        print(f"    busy seconds per audio second by stage: {stages}", flush=True)
     return 0
 
 
