@@ -18,7 +18,7 @@ import onnx
 import pytest
 from tokenizers import Tokenizer
 
-from app.convert.gguf_model import GGUFModel
+from app.convert.gguf_model import QUANTIZED_TYPES, GGUFModel
 from app.convert.llama import DEFAULT_ACCURACY_LEVEL, build_llama_onnx
 from app.text.llama_runner import LlamaRunner, StepInput
 from tests.reference_llama import ReferenceLlama, use_single_blas_thread
@@ -90,9 +90,31 @@ def test_synthetic_graph_uses_exact_operators(synthetic: tuple[Path, ReferenceLl
             assert {a.name: a.i for a in node.attribute}["accuracy_level"] == DEFAULT_ACCURACY_LEVEL
 
 
+def test_rescored_output_gives_exact_logits_to_the_best_tokens(
+    synthetic: tuple[Path, ReferenceLlama], tmp_path: Path
+) -> None:
+    """``output_rescore_tokens``: int8 output projection, then the best candidates recomputed exactly in fp32."""
+    path, reference = synthetic
+    model = GGUFModel(path)
+    rescore = 8
+    config = build_llama_onnx(model, tmp_path, {"accuracy_level": 0, "output_rescore_tokens": rescore})
+    assert config["output_rescore_tokens"] == rescore
+    ops = [node.op_type for node in onnx.load(str(tmp_path / "model.onnx")).graph.node]
+    output = model.optional("output.weight") or model.tensor("token_embd.weight")
+    assert ops.count("TopK") == (1 if output.type_name in QUANTIZED_TYPES else 0)
+    for prompt, logits in zip(SYNTHETIC_PROMPTS, _first_logits(tmp_path, config, list(SYNTHETIC_PROMPTS)), strict=True):
+        expected = reference.forward(prompt)[-1]
+        best = np.argsort(-expected)[: rescore // 2]  # well inside the candidates, whatever the int8 error
+        np.testing.assert_allclose(logits[best], expected[best], rtol=0, atol=EXACT_TOLERANCE)
+        assert int(np.argmax(logits)) == int(np.argmax(expected))
+        assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()  # the rest: int8 accuracy
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        ({"output_rescore_tokens": -1}, "output_rescore_tokens"),
+        ({"output_rescore_tokens": True}, "output_rescore_tokens"),
         ({"accuracy_level": 2}, "accuracy_level"),
         ({"max_seq_len": 100_000}, "context length"),
         ({"max_batch_size": 0}, "max_batch_size"),

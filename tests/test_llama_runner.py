@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from app.convert.gguf_model import GGUFModel
 from app.convert.llama import DEFAULT_ACCURACY_LEVEL, build_llama_onnx
 from app.text.kv_cache import KVCapacityError, SlotError
-from app.text.llama_runner import MIN_CHUNK_TOKENS, LlamaRunner, StepInput, plan_calls
+from app.text.llama_runner import MIN_CHUNK_TOKENS, LlamaRunner, StepInput, plan_calls, split_decode_calls
 from tests.reference_llama import ReferenceCache, ReferenceLlama, use_single_blas_thread
 from tests.smollm2_fixtures import CHAT_PROMPTS, converted_smollm2
 from tests.synthetic_llama_gguf import MIXED_TYPES, write_synthetic_gguf
@@ -95,6 +95,29 @@ def test_plan_runs_a_long_prompt_apart_from_many_decodes() -> None:
     assert [(p.first_slot, p.end_slot, p.chunk) for p in plans] == [(0, 31, MIN_CHUNK_TOKENS), (31, 32, 200)]
     mixed = plan_calls([0, 1, 2], [1, 3, 1], lengths, 1024)
     assert [(p.first_slot, p.end_slot, p.chunk) for p in mixed] == [(0, 3, 3)]
+
+
+def test_small_decode_calls_split_into_one_row_calls() -> None:
+    lengths = np.full(8, 10)
+    pair = plan_calls([3, 5], [1, 1], lengths, 1024)
+    assert [(p.first_slot, p.end_slot, p.rows) for p in split_decode_calls(pair, [1, 1], [3, 5], 2)] == [
+        (3, 4, (0,)),
+        (5, 6, (1,)),
+    ]
+    assert split_decode_calls(pair, [1, 1], [3, 5], 0) == pair  # int8 models never split
+    three = plan_calls([0, 1, 2], [1, 1, 1], lengths, 1024)
+    assert split_decode_calls(three, [1, 1, 1], [0, 1, 2], 2) == three  # one call is cheaper from three rows on
+    mixed = plan_calls([0, 1], [1, 4], lengths, 1024)
+    assert split_decode_calls(mixed, [1, 4], [0, 1], 2) == mixed  # a prompt row keeps its call
+
+
+def test_fp32_runners_split_pairs_and_int8_runners_do_not(
+    tiny: tuple[Path, dict[str, object], ReferenceLlama], tiny_int8: tuple[Path, dict[str, object]]
+) -> None:
+    fp32_dir, fp32_config, _ = tiny
+    int8_dir, int8_config = tiny_int8
+    assert LlamaRunner(fp32_dir, fp32_config, max_batch_size=2).split_decode_rows == 2
+    assert LlamaRunner(int8_dir, int8_config, max_batch_size=2).split_decode_rows == 0
 
 
 # -- synthetic model -------------------------------------------------------------------------------------------------

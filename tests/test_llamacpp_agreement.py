@@ -10,7 +10,9 @@ Exact id parity is not the target: llama.cpp quantizes activations to 8 bits ins
 and greedy decoding meets near-ties. The issue's bar is agreement at >= 95 % of positions; each disagreement must be
 a near-tie for Brook too (its logit for llama.cpp's token within ``MAX_DISAGREEMENT_GAP`` of its top-1).
 Measured (v1, 631 positions): 609 agree (96.5 %); the 22 disagreements have Brook gaps of 0.004-0.54 logits and
-llama.cpp margins of 0.02-0.31.
+llama.cpp margins of 0.02-0.31. v3 (int8 output projection, best 64 tokens rescored exactly) picks v1's token at
+all 631 positions, so it agrees at the same 609. (v2, int8 activations everywhere, also agrees at 609, but at other
+positions: it differs from v1 at 14.)
 """
 
 from __future__ import annotations
@@ -63,6 +65,13 @@ def v1(model_repository: ModelRepository) -> LoadedVersion:
     return load_model(model_repository, MODEL, 1)
 
 
+@pytest.fixture(scope="module", params=[1, 3])
+def exact_version(request: pytest.FixtureRequest, model_repository: ModelRepository) -> LoadedVersion:
+    """The versions with fp32 activations in every layer: v1, and v3 (whose output projection rescores its best
+    tokens exactly, so its argmax is v1's)."""
+    return load_model(model_repository, MODEL, int(request.param))
+
+
 def teacher_forced_argmax(
     runner: LlamaRunner, prompts: list[list[int]], forced: list[list[int]]
 ) -> list[list[tuple[int, float, np.ndarray]]]:
@@ -100,11 +109,16 @@ def test_brook_renders_and_tokenizes_the_prompts_like_llamacpp(goldens: dict[str
         assert tokenizer.encode(record["text"], allow_special=True) == record["prompt_ids"], record["name"]
 
 
-def test_v1_agrees_with_llamacpp_on_teacher_forced_tokens(goldens: dict[str, Any], v1: LoadedVersion) -> None:
+def test_exact_versions_agree_with_llamacpp_on_teacher_forced_tokens(
+    goldens: dict[str, Any], exact_version: LoadedVersion
+) -> None:
     records = goldens["prompts"]
     assert len(records) >= 10
     runner = LlamaRunner(
-        v1.directory, v1.manifest.config, intra_op_threads=2, max_batch_size=len(records),
+        exact_version.directory,
+        exact_version.manifest.config,
+        intra_op_threads=2,
+        max_batch_size=len(records),
         max_seq_len=RUNNER_MAX_SEQ_LEN,
     )
     forced = [record["generated_ids"] for record in records]
@@ -119,17 +133,23 @@ def test_v1_agrees_with_llamacpp_on_teacher_forced_tokens(goldens: dict[str, Any
             if top == wanted:
                 agree += 1
                 continue
-            disagreements.append(Disagreement(
-                record["name"], position, top, wanted, round(top_logit - float(logits[wanted]), 4),
-                record["llamacpp_margins"][position],
-            ))
+            disagreements.append(
+                Disagreement(
+                    record["name"],
+                    position,
+                    top,
+                    wanted,
+                    round(top_logit - float(logits[wanted]), 4),
+                    record["llamacpp_margins"][position],
+                )
+            )
     rate = agree / total
     report = "\n".join(
         f"  {d.prompt}[{d.position}]: Brook {d.brook_token} vs llama.cpp {d.llamacpp_token}, "
         f"Brook gap {d.brook_gap:.3f}, llama.cpp margin {d.llamacpp_margin:.3f}"
         for d in disagreements
     )
-    logger.info("Brook v1 agrees with llama.cpp at %d/%d positions (%.1f %%)\n%s", agree, total, 100 * rate, report)
+    logger.info("Brook agrees with llama.cpp at %d/%d positions (%.1f %%)\n%s", agree, total, 100 * rate, report)
     assert rate >= MIN_AGREEMENT, f"agreement {agree}/{total} = {rate:.3f} < {MIN_AGREEMENT}\n{report}"
     wide = [d for d in disagreements if d.brook_gap > MAX_DISAGREEMENT_GAP]
     assert not wide, f"disagreements that are not near-ties for Brook:\n{report}"

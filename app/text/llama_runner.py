@@ -47,6 +47,11 @@ MIN_CHUNK_TOKENS: Final = 2  # every call pads to at least this, so each row tak
 PAD_BUDGET_FACTOR: Final = 2  # a call may hold at most this many padded positions per real token ...
 PAD_BUDGET_SLACK: Final = 32  # ... plus this many
 MAX_CACHED_BINDINGS: Final = 64  # IO bindings kept, one per slot range
+# With fp32 activations (accuracy_level 0) MatMulNBits runs one row as a fused 4-bit GEMV but two or more rows by
+# dequantizing every weight for an SGEMM: measured (scripts/bench_llm_kernels.py, one thread) the layer matmuls cost
+# 10.5 ms for one row, 34 ms for two, 37 ms for four and 51 ms for sixteen. A call of two decode rows therefore runs
+# as two one-row calls (whole step 46 instead of 66 ms of CPU for v1); from three rows on, one call is cheaper.
+FP32_SPLIT_DECODE_ROWS: Final = 2
 
 
 @dataclass(frozen=True)
@@ -127,6 +132,22 @@ def plan_calls(slots: Sequence[int], n_new: Sequence[int], lengths: np.ndarray, 
     return [CallPlan(slots[g[0]], slots[g[-1]] + 1, padded_chunk(n_new[r] for r in g), tuple(g)) for g in groups]
 
 
+def split_decode_calls(
+    plans: Sequence[CallPlan], n_new: Sequence[int], slots: Sequence[int], max_rows: int
+) -> list[CallPlan]:
+    """Replace each call of 2..``max_rows`` decode rows (one new token each) by one call per row.
+
+    A row's results do not depend on the call it runs in (module docstring), so this only changes the cost.
+    """
+    result: list[CallPlan] = []
+    for plan in plans:
+        if 1 < len(plan.rows) <= max_rows and all(n_new[r] == 1 for r in plan.rows):
+            result += [CallPlan(slots[r], slots[r] + 1, padded_chunk([1]), (r,)) for r in plan.rows]
+        else:
+            result.append(plan)
+    return result
+
+
 class LlamaRunner:
     """Batched, KV-cached next-token logits for a model written by ``app.convert.llama``. Not thread-safe.
 
@@ -152,6 +173,8 @@ class LlamaRunner:
         self.n_layers = int(config["n_layers"])
         self.vocab_size = int(config["vocab_size"])
         self.max_chunk_tokens = max_chunk_tokens
+        # Decode-only calls of at most this many rows run one row per call (0: never); see FP32_SPLIT_DECODE_ROWS.
+        self.split_decode_rows = FP32_SPLIT_DECODE_ROWS if int(config.get("accuracy_level", 0)) == 0 else 0
         self.cache = KVCache(
             KVCacheLayout(
                 self.n_layers,
@@ -257,7 +280,8 @@ class LlamaRunner:
         logits = np.empty((len(batch), self.vocab_size), np.float32)
         n_new = [ids.size for ids in tokens]
         lengths = self.cache.lengths(0, self.cache.layout.max_batch_size)
-        for plan in plan_calls(slots, n_new, lengths, self.cache.layout.buffer_tokens):
+        plans = plan_calls(slots, n_new, lengths, self.cache.layout.buffer_tokens)
+        for plan in split_decode_calls(plans, n_new, slots, self.split_decode_rows):
             logits[list(plan.rows)] = self._run(slots, tokens, list(plan.rows), plan)
         return logits
 
