@@ -167,6 +167,23 @@ def test_newer_partial_replaces_the_waiting_one_and_a_final_makes_partials_stale
     assert [item.kind for item in group.items] == ["final"]
 
 
+def test_partials_go_round_robin_when_streams_outnumber_the_batch() -> None:
+    scheduler = make_scheduler(max_batch_size=1)
+    for name in "ab":
+        scheduler.add_stream(name, TOY)
+        scheduler.push(name, 4000)
+    scheduler.apply_vad("a", [S] * 4)  # a's partial is due first
+    scheduler.apply_vad("b", [S] * 4)
+    [first] = scheduler.plan_decodes()
+    assert [item.stream_id for item in first.items] == ["a"]
+    scheduler.apply_vad("a", [S] * 4)  # a and b each get a newer partial; b has waited longer
+    scheduler.apply_vad("b", [S] * 4)
+    [second] = scheduler.plan_decodes()
+    assert [(item.stream_id, item.end) for item in second.items] == [("b", 8 * FRAME)]  # b's newest window
+    [third] = scheduler.plan_decodes()
+    assert [item.stream_id for item in third.items] == ["a"]
+
+
 def test_stale_partials_are_dropped_but_finals_never() -> None:
     scheduler = make_scheduler()
     for name in "ab":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from app.speech.features import TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram, pad_or_trim_frames
-from app.speech.whisper_runner import EncoderOutput, WhisperRunner
+from app.speech.whisper_runner import EncoderOutput, LoopStop, WhisperRunner
 from tests.conftest import missing
 from tests.whisper_test_audio import MODEL_DIR_ENV, find_speech_clips, load_converted_model, read_clip
 
@@ -57,6 +57,30 @@ def test_token_limit_stops_a_row_without_eot(runner: WhisperRunner, windows: np.
     assert not result.reached_eot
     assert result.tokens[0] >= int(runner.config["timestamp_begin"])  # timestamps on: the first token is one
     assert result.avg_logprob == pytest.approx(result.sum_logprob / 4)
+
+
+def test_per_row_token_limits_in_one_batch_equal_each_row_alone(runner: WhisperRunner, windows: np.ndarray) -> None:
+    sot = int(runner.config["sot"])
+    encoded = runner.encode(windows)
+    limits = [5, 40, 2]  # rows finish at different steps: the caches are compacted once half of them are done
+    batched = runner.decode(encoded, [[sot]] * 3, max_new_tokens=limits)
+    for row, limit in enumerate(limits):
+        single = runner.decode(encoded.select([row]), [[sot]], max_new_tokens=limit)[0]
+        assert batched[row].tokens == single.tokens
+        assert len(batched[row].tokens) <= limit
+    assert len(batched[0].tokens) == 5 and not batched[0].reached_eot
+    with pytest.raises(ValueError, match="one per prompt"):
+        runner.decode(encoded, [[sot]] * 3, max_new_tokens=[5, 5])
+
+
+def test_loop_stop_detects_back_to_back_copies_at_the_end() -> None:
+    stop = LoopStop(copies=4, max_ngram=3)
+    assert stop.ends_in_loop([9, 7, 7, 7, 7])
+    assert stop.ends_in_loop([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 3])
+    assert not stop.ends_in_loop([7, 7, 7])  # three copies are not a loop yet
+    assert not stop.ends_in_loop([1, 2, 3, 1, 2, 3, 1, 2, 3, 1, 2, 4])
+    assert not stop.ends_in_loop([1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4, 1, 2, 3, 4])  # longer than max_ngram
+    assert not stop.ends_in_loop([])
 
 
 def test_encode_and_decode_check_their_inputs(runner: WhisperRunner, windows: np.ndarray) -> None:

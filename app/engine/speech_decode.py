@@ -1,7 +1,7 @@
 """Transcribe utterance windows for the streaming engine, with guards against Whisper's failures on short windows.
 
 Runs on the engine's inference thread: numpy audio in, text out. A group of windows with the same frame count is
-one batched encoder call, then one batched decoder call per kind (final, partial) and token-limit class.
+one batched encoder call, then one batched decoder call per kind (final, partial), each row with its own token limit.
 
 The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, see
 /work/shared/notes/whisper-tiny-en-ct2.md, and sometimes on full windows too):
@@ -9,6 +9,9 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
 - ``token_limit``: at most ``tokens_base + tokens_per_s * duration`` new tokens, so a runaway decoder stops early
   (real speech measured at 2-5 tokens per second, timestamps included, on the test recordings);
 - ``collapse_repeats``: ``repeat_limit`` or more back-to-back copies of the same token n-gram collapse to one;
+- ``stop_loops``: a row stops decoding as soon as it ends in ``repeat_limit`` copies of an n-gram (the copies
+  collapse to one anyway; the steps to the token limit were the main waste of looping rows, and a batch's
+  decoding lasts as long as its longest row);
 - the offline no-speech rule: no text when P(no speech) > 0.6 while the average log-probability is < -1.0;
 - a partial whose text still compresses too well (zlib ratio > 2.4, a loop ``collapse_repeats`` missed) is not
   shown (a final keeps its collapsed text).
@@ -30,13 +33,12 @@ import numpy as np
 
 from app.speech.decoding import DecodingRules, compression_ratio
 from app.speech.features import HOP_LENGTH, SAMPLE_RATE_HZ, TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram
-from app.speech.whisper_runner import DecodeResult, WhisperRunner
+from app.speech.whisper_runner import DecodeResult, LoopStop, WhisperRunner
 
 logger = logging.getLogger(__name__)
 
 WindowKind = Literal["partial", "final"]
 MIN_WINDOW_SAMPLES: Final = 201  # log_mel_spectrogram needs more than N_FFT // 2 samples
-TOKEN_LIMIT_CLASSES: Final = (32, 64, 128)  # rows are decoded in sub-batches whose limits differ at most 2x
 
 
 @dataclass(frozen=True)
@@ -54,6 +56,7 @@ class DecodePolicy:
     no_speech_threshold: float = 0.6  # no text when P(no speech) is above this ...
     logprob_threshold: float = -1.0  # ... and the average log-probability is below this
     compression_ratio_threshold: float = 2.4  # a partial whose text compresses more than this is not shown
+    stop_loops: bool = True  # stop a row's decoding once it ends in repeat_limit copies of an n-gram
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -169,7 +172,8 @@ def transcribe_group(
 
     Finals are decoded from ``<|startoftranscript|>`` with timestamps, as offline; partials from
     ``<|startoftranscript|><|notimestamps|>`` (no timestamp tokens to sample: about 10% fewer decoder steps).
-    Rows of one kind whose token limits fall in the same class are decoded together.
+    All rows of one kind are decoded together, each stopping at its own token limit (the runner compacts its
+    caches only when half of the rows are done, so short rows cost little once finished).
     """
     frames = {job.frames for job in jobs}
     if len(frames) != 1:
@@ -181,18 +185,21 @@ def transcribe_group(
     encoded = runner.encode(mel)
     encoded_at = time.perf_counter()
     ceiling = runner.n_text_ctx // 2
-    classes: dict[tuple[int, WindowKind], list[int]] = {}
+    kinds: dict[WindowKind, list[int]] = {}
     for row, job in enumerate(jobs):
-        size = next((size for size in TOKEN_LIMIT_CLASSES if job.max_new_tokens <= size), ceiling)
-        classes.setdefault((size, job.kind), []).append(row)
+        kinds.setdefault(job.kind, []).append(row)
     results: dict[int, DecodeResult] = {}
-    for (_, kind), rows in classes.items():
+    for kind, rows in kinds.items():
         prompts = [_prompt(runner, jobs[row]) for row in rows]
         room = runner.n_text_ctx - max(len(prompt) for prompt in prompts) + 1
-        limit = max(1, min(ceiling, room, max(jobs[row].max_new_tokens for row in rows)))
+        limits = [max(1, min(ceiling, room, jobs[row].max_new_tokens)) for row in rows]
         chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
         decoded = runner.decode(
-            chosen, prompts, max_new_tokens=limit, rules=rules.final if kind == "final" else rules.partial
+            chosen,
+            prompts,
+            max_new_tokens=limits,
+            rules=rules.final if kind == "final" else rules.partial,
+            loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
         )
         results.update(zip(rows, decoded, strict=True))
     decoded_at = time.perf_counter()

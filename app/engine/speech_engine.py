@@ -36,6 +36,32 @@ word error rates against offline ``transcribe`` of the whole file):
   cut the decoded tokens 3.2x but the time only 22% and raised the error to 0.41, so every partial is decoded
   afresh.
 
+Cost (issue 8, session 2; the machine was shared, load average 5-9 on 2 cores, so wall times are inflated and
+only same-run comparisons count). ``scripts/bench_speech_windows`` replays every window the segmentation asks for
+(5 clips x 30 s, 208 partials at the 0.5 s cadence and 34 finals; nothing shed, so every policy does the same work):
+
+- Decoding. Three exact or near-exact changes: the runner compacts its caches only once half of a batch has
+  finished (each finished row used to copy every cross-attention cache: a quarter of a 16-row batch's decoding
+  time), decodes every row of a kind in one batch with its own token limit (instead of one sub-batch per
+  token-limit class), and takes the chosen token's log-probability without a float64 log-softmax of the whole
+  vocabulary (8.5 against 1.5 ms of CPU per step at batch 16). Tokens are unchanged (checked on 16 windows).
+  ``DecodePolicy.stop_loops`` then stops a row as soon as it ends in 4 copies of an n-gram: 8% fewer decoded
+  tokens over the replay, the same finals' WER (0.406) and partial error (0.170 against 0.174). On a batch of 16
+  windows of 2-8 s (3 runs interleaved with the previous code): decoding 47-59 instead of 94-136 ms per window,
+  process CPU 157-170 instead of 188-252 ms per window.
+- Windows. Smaller minimums cut the encoder's frames but not the total: min 10 s (pad 2, bucket 2) 1084 frames on
+  average, 0.338 CPU s per audio s, WER 0.406 against offline, 15 windows at the token limit; min 8 s (bucket 1 s)
+  911 frames, 0.340, WER 0.417, 32; min 6 s 768 frames, 0.311, WER 0.439, 35. Shorter windows loop more, and the
+  decoder steps they cost eat most of the encoder's saving, so the 10 s minimum stays.
+- Partials are served round-robin (a newer partial keeps the waiting one's place in the queue) so that no stream
+  starves when more streams speak than ``max_batch_size``.
+- What bounds the targets: every partial re-encodes and re-decodes its whole utterance. At the 0.5 s cadence that
+  is ~1.4 windows per second of audio, 0.34 CPU s per audio second here, so 16 streams would need 5.4 CPU s per
+  second on a 2-core machine; the engine keeps up by shedding partials (a saturated step serves one partial per
+  stream), which is why partial latency grows with the number of streams. Reaching the issue's targets needs the
+  per-window cost cut ~3x more: a decoder that verifies the previous partial's tokens in one call (logits for
+  every new position, per-row positions), and encoder work that does not grow with the utterance.
+
 Load shedding: a waiting partial whose newest audio was pushed more than ``max_partial_lag_s`` ago is dropped
 unsent, so an engine that falls behind spends its time on finals and catches up instead of transcribing stale
 partials (set it to None for clients that push faster than real time and still want partials).

@@ -12,14 +12,17 @@ replaces it). One engine step is:
    split into pushes); returns the segmentation events (``UtteranceStarted`` is for the client, the others become
    waiting decodes);
 3. ``plan_decodes(is_stale)``: up to ``max_batch_size`` windows, finals first (oldest first), then partials
-   (oldest first; a partial the engine calls stale is dropped), grouped by encoder frame count so that every group
-   is one batched encoder call;
+   (a partial the engine calls stale is dropped), grouped by encoder frame count so that every group is one
+   batched encoder call. Partials go round-robin: a newer partial replacing a waiting one keeps the waiting one's
+   place, so the stream that has waited longest for a partial is served first and no stream starves when there
+   are more speaking streams than ``max_batch_size``;
 4. ``complete(item)`` once its text is known: says whether the text is still wanted (a partial is dropped once the
    final of its utterance is queued) and whether the stream has now ended.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 from collections import deque
@@ -246,7 +249,11 @@ class SpeechScheduler:
     ) -> list[SegmentEvent]:
         for event in events:
             if isinstance(event, PartialDue):
-                stream.partial = self._item(stream_id, "partial", event.utterance, event.start, event.end, due_position)
+                waiting = stream.partial
+                partial = self._item(stream_id, "partial", event.utterance, event.start, event.end, due_position)
+                if waiting is not None:  # the newer window keeps the waiting one's place in the queue
+                    partial = dataclasses.replace(partial, order=waiting.order)
+                stream.partial = partial
             elif isinstance(event, FinalDue):
                 stream.finals.append(
                     self._item(stream_id, "final", event.utterance, event.start, event.end, due_position)

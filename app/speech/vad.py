@@ -71,9 +71,7 @@ class VadRunner:
         contexts = np.stack([s.context for s in streams])
         inputs = np.concatenate([contexts, frames.astype(np.float32, copy=False)], axis=1)
         state = np.ascontiguousarray(np.stack([s.state for s in streams], axis=1))  # [2, batch, 128]
-        probabilities, new_state = self._session.run(
-            None, {"input": inputs, "state": state, "sr": self._sample_rate}
-        )
+        probabilities, new_state = self._session.run(None, {"input": inputs, "state": state, "sr": self._sample_rate})
         for row, stream in enumerate(streams):
             stream.state[...] = new_state[:, row, :]
             stream.context[...] = frames[row, -self.config.context_samples :]
