@@ -36,6 +36,9 @@ class Settings:
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level
+    loop_monitor_interval_ms: float = 50.0  # event-loop lag timer period (0 turns the monitor off)
+    version_policy: str = "weighted"  # versions loaded at start: "weighted" (default + A/B weight > 0) or "all"
+    memory_trim_interval_s: float = 30.0  # return freed heap memory to the OS this often (glibc; 0 = never)
 
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         known = {f.name for f in fields(self)}

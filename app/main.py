@@ -16,6 +16,8 @@ from app.config import Settings
 from app.errors import BrookError
 from app.repository import ModelRepository
 from app.server import http_api, kserve_api, openai_api
+from app.server.engines import release_free_memory_every
+from app.server.loop_monitor import EventLoopMonitor, event_loop_endpoint
 from app.server.metrics import Metrics
 from app.server.openai_realtime import realtime_endpoint
 from app.server.registry import ModelRegistry
@@ -31,7 +33,7 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 async def _load_models(state: ServerState) -> None:
     for name in state.settings.models:
         try:
-            await state.registry.load(name)
+            await state.registry.load(name, policy=state.registry.version_policy)
         except BrookError as exc:
             logger.error("could not load %s: %s", name, exc)
     described = state.registry.describe()
@@ -45,22 +47,35 @@ def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> 
     metrics = Metrics()
     repository = ModelRepository(settings.model_dir)
     state = ServerState(settings, metrics, registry or ModelRegistry(repository, settings, metrics))
+    if settings.loop_monitor_interval_ms > 0:
+        state.loop_monitor = EventLoopMonitor(settings.loop_monitor_interval_ms / 1000,
+                                              observe=metrics.event_loop_lag.observe)
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if state.loop_monitor is not None:
+            state.loop_monitor.start()
         loader = asyncio.create_task(_load_models(state), name="brook-load-models")
+        background = [loader]
+        if settings.memory_trim_interval_s > 0:
+            background.append(asyncio.create_task(release_free_memory_every(settings.memory_trim_interval_s),
+                                                  name="brook-release-free-memory"))
         try:
             yield
         finally:
             await drain_connections(state, settings.shutdown_grace_s)
-            loader.cancel()
-            await asyncio.gather(loader, return_exceptions=True)
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await state.registry.shutdown()
+            if state.loop_monitor is not None:
+                await state.loop_monitor.stop()
 
     routes = [
         Route("/healthz", http_api.healthz),
         Route("/readyz", http_api.readyz),
         Route("/metrics", http_api.metrics),
+        Route("/metrics/event-loop", event_loop_endpoint),
         Route("/v1/models", http_api.list_models),
         Route("/v1/models/{name}/load", http_api.load_model, methods=["POST"]),
         Route("/v1/models/{name}/unload", http_api.unload_model, methods=["POST"]),

@@ -112,7 +112,7 @@ def server(tmp_path_factory: pytest.TempPathFactory, model_repository: ModelRepo
     # A 25 ms window instead of the model's 0, so that requests meet even on a busy two-core machine.
     wider = {"max_queue_delay_ms = 0.0": "max_queue_delay_ms = 25.0"}
     copy_rainfall(model_repository, repo, serving_replacements=wider)
-    with run_server(ARTIFACT_DIR / "logs", model_dir=str(repo), models="rainfall") as running:
+    with run_server(ARTIFACT_DIR / "logs", model_dir=str(repo), models="rainfall", version_policy="all") as running:
         yield running
 
 

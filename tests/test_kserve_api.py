@@ -49,8 +49,9 @@ def repo(tmp_path_factory: pytest.TempPathFactory, model_repository: ModelReposi
 
 @pytest.fixture(scope="module")
 def server(repo: Path) -> Iterator[RunningServer]:
+    # version_policy=all: rainfall v2 (A/B weight 0) is served too, as Triton serves every version of a repository.
     with run_server(ARTIFACT_DIR / "logs", model_dir=str(repo), models="rainfall,typed,fixed",
-                    api_keys=API_KEY) as running:
+                    api_keys=API_KEY, version_policy="all") as running:
         yield running
 
 

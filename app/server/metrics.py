@@ -7,6 +7,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 LATENCY_BUCKETS_S = (0.025, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64)
 FAST_LATENCY_BUCKETS_S = (0.0001, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOOP_LAG_BUCKETS_S = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 
 
 class Metrics:
@@ -49,6 +50,9 @@ class Metrics:
                                       ["model", "version", "outcome"], registry=r)
         self.infer_seconds = Histogram("brook_infer_seconds", "v2 infer request time, body read to response",
                                        ["model", "version"], buckets=FAST_LATENCY_BUCKETS_S, registry=r)
+        self.event_loop_lag = Histogram("brook_event_loop_lag_seconds",
+                                        "How late a periodic timer on the event loop woke up", [],
+                                        buckets=LOOP_LAG_BUCKETS_S, registry=r)
         self.models_loaded = Gauge("brook_model_loaded", "1 when a model version is loaded and ready",
                                    ["model", "version"], registry=r)
 

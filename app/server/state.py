@@ -10,6 +10,7 @@ from app.config import Settings
 from app.server.metrics import Metrics
 
 if TYPE_CHECKING:
+    from app.server.loop_monitor import EventLoopMonitor
     from app.server.registry import ModelRegistry
 
 
@@ -21,3 +22,4 @@ class ServerState:
     open_sessions: Counter[str] = field(default_factory=Counter)  # endpoint -> open sockets
     connections: set[Any] = field(default_factory=set)  # open `Connection`s, for graceful shutdown
     shutting_down: bool = False
+    loop_monitor: EventLoopMonitor | None = None  # None when BROOK_LOOP_MONITOR_INTERVAL_MS is 0
