@@ -115,6 +115,22 @@ def any_model(request: pytest.FixtureRequest) -> Model:
     return loaded
 
 
+def assert_same_logits(model: Model, actual: np.ndarray, expected: np.ndarray) -> None:
+    """Logits of one row computed in different batch layouts agree: to 1e-3 where the model is fp32 (everything in
+    v1; with ``output_rescore_tokens = k``, the best tokens, recomputed exactly). The int8-accurate tail of a rescored
+    output projection may move by a quantization step (measured up to 0.016) when float rounding upstream moves an
+    activation across an int8 rounding boundary."""
+    rescored = int(model.config.get("output_rescore_tokens", 0))
+    if not rescored:
+        np.testing.assert_allclose(actual, expected, atol=1e-3, rtol=0)
+        return
+    best = np.argsort(expected, axis=-1)[..., -(rescored // 2) :]  # surely inside both layouts' rescored sets
+    np.testing.assert_allclose(
+        np.take_along_axis(actual, best, -1), np.take_along_axis(expected, best, -1), atol=1e-3, rtol=0
+    )
+    np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0)
+
+
 class StepRecorder:
     """A TextEngineObserver that keeps what it is told."""
 
@@ -324,7 +340,7 @@ def test_a_long_reply_is_unchanged_by_prompts_arriving_while_it_decodes(any_mode
             assert runner.first_slot is not None
             mixed_logits = runner.logits[runner.first_slot]
             assert len(mixed_logits) == len(alone_logits)
-            np.testing.assert_allclose(np.stack(mixed_logits), np.stack(alone_logits), atol=1e-3, rtol=0)
+            assert_same_logits(model, np.stack(mixed_logits), np.stack(alone_logits))
             assert "".join(texts) == alone.text
             assert dones[0].usage == alone.done.usage
 

@@ -164,7 +164,7 @@ def test_chat_reply_streams_in_pieces_shows_timings_and_stop_cancels(brook_serve
     assert len(set(non_empty)) >= 3, updates
     meta = page.text_content("#messages .message.assistant .meta") or ""
     assert "TTFT" in meta and "tok/s" in meta, meta
-    assert page.text_content("#chat-version") == "smollm2-135m-instruct v1"
+    assert page.text_content("#chat-version") == "smollm2-135m-instruct v3"
     screenshot(page, "chat-reply")
 
     _ask(page, "Write a very long story about a lighthouse keeper, with many chapters.")

@@ -104,7 +104,9 @@ class WhisperRunner:
         for name in (ENCODER_FILE, DECODER_FILE):
             if not (model_dir / name).is_file():
                 raise ModelError(f"expected {name} in {model_dir}, found {sorted(p.name for p in model_dir.iterdir())}")
-        self._encoder = create_session(model_dir / ENCODER_FILE, intra_op_threads)
+        # No arena for the encoder: it would keep the activations of the largest batch ever encoded resident (~77 MB
+        # per 30 s window; +611 MB after a batch of 8 in-process), measured in the mixed-load run (docs/benchmarks.md).
+        self._encoder = create_session(model_dir / ENCODER_FILE, intra_op_threads, enable_memory_arena=False)
         self._decoder = create_session(model_dir / DECODER_FILE, intra_op_threads)
         _check_io(self._encoder, ENCODER_FILE, ENCODER_INPUTS, ENCODER_OUTPUTS)
         _check_io(self._decoder, DECODER_FILE, DECODER_INPUTS, DECODER_OUTPUTS)
