@@ -152,6 +152,7 @@ class SamplingFields:
     top_k: int | None = None
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
 
 
 @dataclass(frozen=True)
@@ -207,6 +208,9 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         stop = [stop]
     if not isinstance(stop, list) or not all(isinstance(s, str) and s for s in stop):
         raise ProtocolError("bad_message", f"field stop must be a list of non-empty strings, got {stop!r}")
+    ignore_eos = data.get("ignore_eos", False)
+    if not isinstance(ignore_eos, bool):
+        raise ProtocolError("bad_message", f"field ignore_eos must be true or false, got {ignore_eos!r}")
     return SamplingFields(
         max_tokens=_optional_number(data, "max_tokens", int),
         temperature=_optional_number(data, "temperature", float),
@@ -214,6 +218,7 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         top_k=_optional_number(data, "top_k", int),
         seed=_optional_number(data, "seed", int),
         stop=tuple(stop),
+        ignore_eos=ignore_eos,
     )
 
 

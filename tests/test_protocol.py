@@ -86,6 +86,9 @@ def test_chat_turn_with_sampling() -> None:
 def test_generate_and_controls() -> None:
     message = parse_chat_message('{"type": "generate", "prompt": "Once upon", "stop": "."}')
     assert isinstance(message, RawGenerate) and message.prompt == "Once upon" and message.sampling.stop == (".",)
+    assert not message.sampling.ignore_eos
+    forced = parse_chat_message('{"type": "generate", "prompt": "Once upon", "ignore_eos": true}')
+    assert isinstance(forced, RawGenerate) and forced.sampling.ignore_eos
     for kind in ("cancel", "reset", "keepalive"):
         control = parse_chat_message(json.dumps({"type": kind}))
         assert isinstance(control, ChatControl) and control.type == kind
@@ -101,6 +104,7 @@ def test_generate_and_controls() -> None:
     ({"type": "chat", "messages": [{"role": "user", "content": "x"}], "temperature": True}, "temperature must be"),
     ({"type": "chat", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop must be a list"),
     ({"type": "generate", "prompt": ""}, "prompt must be a non-empty string"),
+    ({"type": "generate", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
     ({"type": "dance"}, "unknown message type 'dance' on /v1/chat"),
 ])
 def test_chat_bad_messages(payload: dict[str, object], fragment: str) -> None:

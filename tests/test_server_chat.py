@@ -105,3 +105,20 @@ def test_raw_generate_and_stop_sequence(brook_server: RunningServer) -> None:
             assert limited.done["finish_reason"] == "length" and limited.done["usage"]["completion_tokens"] == 5
 
     asyncio.run(scenario())
+
+
+def test_ignore_eos_generates_exactly_max_tokens(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            turn = {"type": "chat", "messages": [{"role": "user", "content": "Say hi."}], "temperature": 0}
+            await ws.send(json.dumps({**turn, "max_tokens": 60}))
+            natural = await read_reply(ws)
+            assert natural.done["finish_reason"] == "stop" and natural.done["usage"]["completion_tokens"] < 60
+            await ws.send(json.dumps({"type": "reset"}))
+            await ws.send(json.dumps({**turn, "max_tokens": 60, "ignore_eos": True}))
+            forced = await read_reply(ws)
+            assert forced.done["finish_reason"] == "length"
+            assert forced.done["usage"]["completion_tokens"] == 60
+
+    asyncio.run(scenario())

@@ -155,6 +155,15 @@ def test_for_request_merges_model_stop_ids() -> None:
     assert checker.update(TEXT_TOKEN, "a") == ("a", "length")
 
 
+def test_ignore_eos_keeps_going_past_the_models_stop_ids_but_not_the_requests() -> None:
+    params = SamplingParams(stop_token_ids=(7,), max_tokens=3, ignore_eos=True)
+    checker = StopChecker.for_request(params, model_stop_token_ids={0, 2})
+    assert checker.update(2, "") == ("", None)
+    assert checker.update(7, "") == ("", "stop")
+    checker = StopChecker.for_request(params, model_stop_token_ids={0, 2})
+    assert [checker.update(2, "x")[1] for _ in range(3)] == [None, None, "length"]
+
+
 def test_invalid_arguments() -> None:
     with pytest.raises(ValueError, match="non-empty"):
         StopChecker(stop=[""], max_tokens=1)

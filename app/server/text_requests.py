@@ -17,7 +17,9 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
         "temperature": fields.temperature, "top_p": fields.top_p, "top_k": fields.top_k, "seed": fields.seed,
         "max_tokens": fields.max_tokens,
     }
-    params = SamplingParams(**{k: v for k, v in values.items() if v is not None}, stop=fields.stop)
+    params = SamplingParams(
+        **{k: v for k, v in values.items() if v is not None}, stop=fields.stop, ignore_eos=fields.ignore_eos
+    )
     return params
 
 

@@ -56,7 +56,8 @@ class SamplingParams:
     seed: int | None = None  # seed of the request's random generator; None = fresh entropy
     max_tokens: int = DEFAULT_MAX_TOKENS  # most tokens to generate
     stop: tuple[str, ...] = ()  # stop sequences; the text stops before the first one and never shows it
-    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (the model's own are always on)
+    stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (the model's own too, unless ignore_eos)
+    ignore_eos: bool = False  # keep generating past the model's end-of-turn tokens (benchmarks; as vLLM/llama.cpp)
 
     def __post_init__(self) -> None:
         # Accept lists from callers (JSON arrays) but store tuples, so the params stay immutable and hashable.

@@ -49,10 +49,12 @@ class StopChecker:
     def for_request(
         cls, params: SamplingParams, *, model_stop_token_ids: Collection[int], max_tokens: int | None = None
     ) -> StopChecker:
-        """A checker for a request: its stop sequences, its stop ids plus the model's, and its token budget."""
+        """A checker for a request: its stop sequences, its stop ids plus the model's (unless ``ignore_eos``), and its
+        token budget."""
+        model_ids = frozenset() if params.ignore_eos else frozenset(model_stop_token_ids)
         return cls(
             stop=params.stop,
-            stop_token_ids=frozenset(model_stop_token_ids) | frozenset(params.stop_token_ids),
+            stop_token_ids=model_ids | frozenset(params.stop_token_ids),
             max_tokens=params.max_tokens if max_tokens is None else max_tokens,
         )
 
