@@ -33,10 +33,9 @@ Workload per level N: N sessions start ``--stagger-ms`` apart (default 25); each
 conversation, pausing ``--think-ms`` (default 0: a closed loop, the most load) between a reply and its next turn.
 Turn 1 is a system message plus a ~100-token user message (a distinct topic per session; ~125 prompt tokens with
 the chat template) asking for a long essay; later turns are short follow-ups ("continue…"). Every reply is
-greedy (temperature 0) and asks for ``--max-tokens``. The anchors are told to ignore end-of-sequence
-(llama-server ``ignore_eos``, llama-cpp-python a -100 logit bias on SmolLM2's end tokens) so they always produce
-``--max-tokens``; Brook has no such option, so its prompts ask for long answers and the table shows the tokens each
-system actually produced per reply.
+greedy (temperature 0) and asks for ``--max-tokens``. Every system is told to ignore end-of-sequence (Brook and
+llama-server ``ignore_eos``, llama-cpp-python a -100 logit bias on SmolLM2's end tokens) so each reply has exactly
+``--max-tokens`` tokens (``--no-ignore-eos`` turns that off; the table shows the tokens per reply).
 
 Measured per level and system:
 
@@ -251,7 +250,7 @@ def start_system(
     if system in ("brook-ws", "brook-openai"):
         settings = {"models": MODEL_NAME, "chat_threads": str(workload.threads), **brook_env}
         with brook_server(system, **settings) as server:
-            sampling = Sampling(workload.max_tokens)
+            sampling = Sampling(workload.max_tokens, {"ignore_eos": True} if workload.ignore_eos else {})
             command = [f"BROOK_{k.upper()}={v}" for k, v in settings.items()] + ["brook", "serve", "--no-fetch"]
             if system == "brook-ws":
                 yield server, lambda: BrookChatSocket(server.ws, MODEL_NAME, sampling), command
@@ -459,7 +458,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--stagger-ms", type=float, default=25.0, help="delay between session starts")
     parser.add_argument("--think-ms", type=float, default=0.0, help="pause between a reply and the next turn")
     parser.add_argument("--turn-timeout", type=float, default=300.0, help="seconds before a turn counts as failed")
-    parser.add_argument("--no-ignore-eos", action="store_true", help="let the anchors stop at end-of-sequence")
+    parser.add_argument("--no-ignore-eos", action="store_true", help="let every system stop at end-of-sequence")
     parser.add_argument("--llama-server-args", default="", help='extra llama-server flags, e.g. "--poll 0"')
     parser.add_argument(
         "--anchor-env", action="append", default=[], help="environment of both anchors: K=V (OMP_WAIT_POLICY=passive)"
