@@ -102,15 +102,19 @@ async function loadModels() {
   }
 }
 
+const SERVABLE_STATES = new Set(["ready", "READY", "loaded"]);
+
 function fillModelSelect(select, models) {
   const previous = select.value;
   select.replaceChildren();
   for (const model of models) {
     select.append(new Option(`${model.id} (A/B)`, model.id));
     for (const version of model.versions || []) {
-      const label = `${model.id} v${version.version}${version.description ? " — " + version.description : ""}`;
+      const cold = version.state === "not_loaded";  // the first session that pins it waits while the server loads it
+      const label = `${model.id} v${version.version}${version.description ? " — " + version.description : ""}` +
+        (cold ? " (loads on first use)" : "");
       const option = new Option(label, `${model.id}@${version.version}`);
-      option.disabled = version.state !== undefined && version.state !== "ready" && version.state !== "READY" && version.state !== "loaded";
+      option.disabled = version.state !== undefined && !cold && !SERVABLE_STATES.has(version.state);
       select.append(option);
     }
   }

@@ -35,6 +35,7 @@ from app.errors import (
 )
 from app.protocol import SamplingFields, parse_sampling
 from app.server.auth import is_authorized, is_origin_allowed
+from app.server.pinned_versions import acquire_served
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
 from app.server.text_requests import record_generation, sampling_params
@@ -347,9 +348,10 @@ async def _read_json(request: Request) -> dict[str, Any]:
     return body
 
 
-def _assign(state: ServerState, parsed: TextRequest) -> ServedVersion:
+async def _assign(state: ServerState, parsed: TextRequest) -> ServedVersion:
+    """The version serving `parsed`; a pinned version that is not loaded yet is loaded first (bounded wait)."""
     try:
-        served = state.registry.assign(parsed.model, parsed.version, task=TEXT_TASK)
+        served = await acquire_served(state.registry, parsed.model, parsed.version, task=TEXT_TASK)
     except UnknownModelError as exc:
         raise OpenAIError(404, f"the model {parsed.model!r} is not available here: {exc}",
                           code="model_not_found", param="model") from None
@@ -385,7 +387,7 @@ async def _prepare(request: Request, state: ServerState, kind: Kind) -> tuple[Te
     body = await _read_json(request)
     parse = parse_chat_request if kind == "chat" else parse_completion_request
     parsed = parse(body, default_model=state.settings.chat_model)
-    return parsed, _assign(state, parsed)
+    return parsed, await _assign(state, parsed)
 
 
 async def _serve(request: Request, kind: Kind) -> Response:

@@ -34,7 +34,7 @@ from starlette.websockets import WebSocket
 from app.audio import MODEL_SAMPLE_RATE_HZ
 from app.engine.speech_engine import SpeechEngine, SpeechStream
 from app.engine.speech_events import SpeechStarted, StreamEnded, StreamOptions, Transcript
-from app.errors import AudioError, ProtocolError, UnknownModelError
+from app.errors import AudioError, ModelError, ProtocolError, UnknownModelError
 from app.protocol import (
     MAX_SAMPLE_RATE_HZ,
     MAX_VAD_SILENCE_MS,
@@ -43,6 +43,7 @@ from app.protocol import (
     WS_1008_POLICY_VIOLATION,
 )
 from app.server.audio_input import AudioInput
+from app.server.pinned_versions import acquire_served
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
 from app.server.ws_session import Connection, close_normally, run_reader_writer, serve_websocket
@@ -413,7 +414,7 @@ class RealtimeSession:
         updated = apply_session_update(self.config, raw)
         served = self.segment.served
         if updated.model != self.config.model:
-            served = resolve_model(self.state, updated.model)
+            served = await resolve_model(self.state, updated.model)
         restart = (served is not self.segment.served or updated.stream_options() != self.config.stream_options()
                    or (updated.turn_detection is None) != (self.config.turn_detection is None))
         rate_changed = updated.rate_hz != self.config.rate_hz
@@ -508,9 +509,10 @@ def _parse_event(text: str) -> dict[str, Any]:
     return data
 
 
-def resolve_model(state: ServerState, requested: str) -> ServedVersion:
+async def resolve_model(state: ServerState, requested: str, connection: Connection | None = None) -> ServedVersion:
     """An OpenAI transcription model name → the server's default speech model; otherwise a Brook `name[@version]`.
-    Raises `RealtimeEventError` for an unknown model."""
+    A pinned version that is not loaded yet is loaded first (a bounded wait; `connection`: see `acquire_served`).
+    Raises `RealtimeEventError` for an unknown model or a version that can not load."""
     name, version = state.settings.speech_model, None
     if requested not in OPENAI_TRANSCRIPTION_MODELS:
         name, separator, pinned = requested.partition("@")
@@ -519,9 +521,11 @@ def resolve_model(state: ServerState, requested: str) -> ServedVersion:
                                      "positive integer", "session.audio.input.transcription.model")
         version = int(pinned) if separator else None
     try:
-        return state.registry.assign(name, version, task=SPEECH_TASK)
+        return await acquire_served(state.registry, name, version, task=SPEECH_TASK, connection=connection)
     except UnknownModelError as exc:
         raise RealtimeEventError("model_not_found", str(exc), "session.audio.input.transcription.model") from None
+    except ModelError as exc:  # failed to load, or still loading after the wait
+        raise RealtimeEventError("model_not_ready", str(exc), "session.audio.input.transcription.model") from None
 
 
 # ---- the endpoint ---------------------------------------------------------------------------------------------
@@ -540,7 +544,7 @@ async def _session(connection: Connection) -> None:
                             close_code=WS_1008_POLICY_VIOLATION)
     model = query.get("model") or state.settings.speech_model
     try:
-        served = resolve_model(state, model)
+        served = await resolve_model(state, model, connection)
     except RealtimeEventError as exc:
         raise UnknownModelError(exc.message) from None
     session = RealtimeSession(connection, SessionConfig(model=model), served)

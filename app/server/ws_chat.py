@@ -24,6 +24,7 @@ from app.protocol import (
     parse_chat_message,
     parse_chat_params,
 )
+from app.server.pinned_versions import acquire_served
 from app.server.state import ServerState
 from app.server.text_requests import record_generation, sampling_params
 from app.server.ws_session import (
@@ -55,7 +56,8 @@ async def chat_endpoint(websocket: WebSocket) -> None:
 async def _session(connection: Connection) -> None:
     state = connection.state
     params = parse_chat_params(dict(connection.websocket.query_params), default_model=state.settings.chat_model)
-    served = state.registry.assign(params.model, params.version, task="text-generation")
+    served = await acquire_served(state.registry, params.model, params.version, task="text-generation",
+                                  connection=connection)
     engine: TextEngine = served.engine
     conversation = engine.open_conversation()
     labels = (ENDPOINT, served.name, str(served.version))

@@ -19,6 +19,7 @@ from app.protocol import (
     transcript_message,
 )
 from app.server.audio_input import AudioInput
+from app.server.pinned_versions import acquire_served
 from app.server.state import ServerState
 from app.server.ws_session import (
     Connection,
@@ -39,7 +40,8 @@ async def listen_endpoint(websocket: WebSocket) -> None:
 async def _session(connection: Connection) -> None:
     state = connection.state
     params = parse_listen_params(dict(connection.websocket.query_params), default_model=state.settings.speech_model)
-    served = state.registry.assign(params.model, params.version, task="speech-to-text")
+    served = await acquire_served(state.registry, params.model, params.version, task="speech-to-text",
+                                  connection=connection)
     stream = served.engine.open_stream(
         StreamOptions(interim_results=params.interim_results, vad_silence_ms=params.vad_silence_ms)
     )
