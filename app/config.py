@@ -32,6 +32,7 @@ class Settings:
     idle_timeout_s: float = 60.0  # a socket that sends nothing for this long is closed (keepalive resets it)
     max_utterance_s: float = 25.0  # a final is forced when one utterance reaches this length
     speech_threads: int = 1  # onnxruntime intra-op threads of each speech engine
+    speech_workers: int = 2  # batches each speech engine transcribes at once, on their own threads
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush

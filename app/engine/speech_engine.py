@@ -5,8 +5,11 @@ Shape (the vLLM/sherpa pattern, see /work/shared/STYLE.md section 6):
 - The asyncio event loop owns every piece of mutable state: streams, audio buffers, VAD states, the pure
   ``SpeechScheduler`` and the mailboxes. One step-loop task drives the work; when there is none it waits on an
   ``asyncio.Event`` (no polling).
-- Only runner calls leave the loop, on a single-thread ``ThreadPoolExecutor`` owned by the engine, with fresh
-  numpy inputs (audio slices and VAD states are copies; results are copied back on the loop).
+- Only runner calls leave the loop, on a ``ThreadPoolExecutor`` of ``decode_workers`` threads owned by the engine,
+  with fresh numpy inputs (audio slices and VAD states are copies; results are copied back on the loop). A step's
+  windows are split into ``decode_workers`` batches that run at once (onnxruntime sessions accept concurrent runs):
+  with one intra-op thread per session, one batch of 16 windows kept only one of two cores busy (the decoder's
+  many small operators do not split across threads), two batches of 8 keep both busy.
 - A step: Silero VAD on every pending 512-sample frame of every stream, one batched call per frame column; the
   segmenters turn probabilities into ``SpeechStarted`` events and due decodes; then every due final and the newest
   due partial of each stream (up to ``max_batch_size`` windows, finals first) are transcribed, one batched encoder
@@ -120,6 +123,7 @@ class SpeechEngineSettings:
     max_vad_s_per_step: float = 5.0  # VAD audio per stream per step, so a burst cannot monopolise a step
     max_partial_lag_s: float | None = 2.0  # a partial whose audio was pushed longer ago is skipped; None: never
     intra_op_threads: int = 2  # onnxruntime threads of the Whisper sessions (used by ``from_repository``)
+    decode_workers: int = 2  # a step's windows are split into this many batches transcribed at once, on own threads
     decode: DecodePolicy = field(default_factory=DecodePolicy)  # window sizes and decode guards
 
     def __post_init__(self) -> None:
@@ -129,7 +133,7 @@ class SpeechEngineSettings:
             raise ValueError(f"expected positive intervals, got {self}")
         if self.max_partial_lag_s is not None and self.max_partial_lag_s <= 0:
             raise ValueError(f"max_partial_lag_s must be positive or None, got {self.max_partial_lag_s}")
-        if self.max_batch_size < 1 or self.max_pending_events < 1 or self.intra_op_threads < 1:
+        if min(self.max_batch_size, self.max_pending_events, self.intra_op_threads, self.decode_workers) < 1:
             raise ValueError(f"expected positive sizes, got {self}")
 
     def segmentation(self, options: StreamOptions) -> SegmentationConfig:
@@ -405,7 +409,8 @@ class SpeechEngine:
     async def start(self) -> None:
         if self._task is not None:
             raise RuntimeError("the speech engine was already started")
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-engine")
+        workers = self.settings.decode_workers
+        self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speech-engine")
         self._task = asyncio.create_task(self._run(), name="speech-engine-step-loop")
 
     async def shutdown(self) -> None:
@@ -568,9 +573,15 @@ class SpeechEngine:
                 jobs.append(self._window_job(len(jobs), state, item))
             if not jobs:
                 continue
-            texts, timing = await self._infer(transcribe_group, self._whisper, jobs, self.settings.decode, self._rules)
-            self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
-            self._observer.on_batch("decode", timing.size, timing.decode_s)
+            chunks = split_evenly(jobs, self.settings.decode_workers)
+            policy, rules = self.settings.decode, self._rules
+            results = await asyncio.gather(
+                *(self._infer(transcribe_group, self._whisper, chunk, policy, rules) for chunk in chunks)
+            )
+            texts = [text for chunk_texts, _ in results for text in chunk_texts]
+            for _, timing in results:
+                self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
+                self._observer.on_batch("decode", timing.size, timing.decode_s)
             now = time.monotonic()
             for flight, text in sorted(zip(flights, texts, strict=True), key=lambda pair: pair[0].item.order):
                 self._deliver(flight, text, now)
@@ -627,6 +638,13 @@ class SpeechEngine:
 
 
 # --------------------------------------------------------------------------------------------------- inference
+
+
+def split_evenly(items: Sequence[WindowJob], parts: int) -> list[list[WindowJob]]:
+    """``items`` in at most ``parts`` contiguous chunks whose sizes differ by at most one (no empty chunk)."""
+    count = min(parts, len(items))
+    bounds = [len(items) * index // count for index in range(count + 1)] if count else [0]
+    return [list(items[bounds[index] : bounds[index + 1]]) for index in range(count)]
 
 
 def _run_vad_columns(

@@ -85,7 +85,11 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
     whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=settings.speech_threads)
     vad_model = repository.load(settings.vad_model)
     vad = VadRunner(vad_model.directory, vad_model.manifest.config)
-    engine_settings = SpeechEngineSettings(max_utterance_s=settings.max_utterance_s)
+    engine_settings = SpeechEngineSettings(
+        max_utterance_s=settings.max_utterance_s,
+        intra_op_threads=settings.speech_threads,
+        decode_workers=settings.speech_workers,
+    )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
     engine = SpeechEngine(whisper, vad, engine_settings, observer)
     _warm_up_speech(whisper, vad)
