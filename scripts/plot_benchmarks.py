@@ -36,7 +36,7 @@ logger = logging.getLogger("plot_benchmarks")
 DEFAULT_FILES = ("speech_load", "chat_load", "mixed")
 LEVEL_KEYS = ("level", "streams", "sessions", "concurrency", "clients", "n", "N")
 SYSTEM_KEYS = ("system", "label", "server", "name")
-LATENCY_WORDS = ("latency", "ttft", "lag", "delay")
+LATENCY_WORDS = ("latenc", "ttft", "lag", "delay")  # "latenc": latency and latencies
 # Metrics worth drawing against concurrency, most important first: throughput, latency percentiles, quality and
 # capacity, cost. Counts (``tokens``, ``first_prompt_tokens``) and settings are left out.
 SCALING_PATTERNS = tuple(
