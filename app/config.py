@@ -38,6 +38,7 @@ class Settings:
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level
     loop_monitor_interval_ms: float = 50.0  # event-loop lag timer period (0 turns the monitor off)
+    pinned_load_timeout_s: float = 120.0  # how long a session pinning a not-loaded version waits for it to load
     version_policy: str = "weighted"  # versions loaded at start: "weighted" (default + A/B weight > 0) or "all"
     memory_trim_interval_s: float = 30.0  # return freed heap memory to the OS this often (glibc; 0 = never)
 
