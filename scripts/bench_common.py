@@ -69,8 +69,12 @@ class ServerProcess:
     def rss_bytes(self) -> int:
         return rss_bytes(self.process.pid)
 
+    def log(self) -> str:
+        """Everything the server has written to its log so far."""
+        return self.log_path.read_text(errors="replace")
+
     def log_tail(self, chars: int = 3000) -> str:
-        return self.log_path.read_text(errors="replace")[-chars:]
+        return self.log()[-chars:]
 
 
 def rss_bytes(pid: int, *, with_children: bool = True) -> int:
@@ -138,10 +142,12 @@ def process_server(
     ready_path: str | None = None,
     env: Mapping[str, str] | None = None,
     timeout_s: float = READY_TIMEOUT_S,
+    log_dir: Path = LOG_DIR,
 ) -> Iterator[ServerProcess]:
-    """Run ``command`` (which must listen on ``port``) until the block ends; SIGTERM, then SIGKILL after 30 s."""
-    LOG_DIR.mkdir(parents=True, exist_ok=True)
-    log_path = LOG_DIR / f"{name}-{port}.log"
+    """Run ``command`` (which must listen on ``port``) until the block ends; SIGTERM, then SIGKILL after 30 s.
+    Its output goes to ``log_dir/<name>-<port>.log``."""
+    log_dir.mkdir(parents=True, exist_ok=True)
+    log_path = log_dir / f"{name}-{port}.log"
     full_env = dict(os.environ)
     full_env.update(env or {})
     with log_path.open("wb") as log:
@@ -164,11 +170,22 @@ def process_server(
 @contextlib.contextmanager
 def brook_server(name: str = "brook", **settings: str) -> Iterator[ServerProcess]:
     """``brook serve --no-fetch`` with ``BROOK_<KEY>`` settings (keyword names without the prefix, lower case)."""
+    with brook_server_with(name, settings) as server:
+        yield server
+
+
+@contextlib.contextmanager
+def brook_server_with(
+    name: str, settings: Mapping[str, str], *, log_dir: Path = LOG_DIR, timeout_s: float = READY_TIMEOUT_S
+) -> Iterator[ServerProcess]:
+    """``brook_server`` with its log folder and readiness timeout chosen: ready once ``/readyz`` answers 200."""
     port = free_port()
     env = {f"BROOK_{key.upper()}": value for key, value in settings.items()}
     env["BROOK_PORT"] = str(port)
     command = [sys.executable, "-m", "app.cli", "serve", "--no-fetch"]
-    with process_server(name, command, port, ready_path="/readyz", env=env) as server:
+    with process_server(
+        name, command, port, ready_path="/readyz", env=env, timeout_s=timeout_s, log_dir=log_dir
+    ) as server:
         yield server
 
 

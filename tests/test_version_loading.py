@@ -21,7 +21,7 @@ from app.server.metrics import Metrics
 from app.server.pinned_versions import acquire_served
 from app.server.registry import ModelRegistry, ServingState, VersionPolicy, versions_to_load
 from app.server.ws_session import Connection
-from tests.conftest import ARTIFACT_DIR, require_models
+from tests.conftest import ARTIFACT_DIR, missing, require_models
 from tests.generic_models import copy_rainfall
 from tests.server_process import run_server
 
@@ -230,7 +230,7 @@ def test_default_server_loads_only_the_serving_versions_and_pins_wait_for_their_
     require_models(model_repository, "whisper-tiny-en", "silero-vad", "smollm2-135m-instruct")
     spec = model_repository.spec("whisper-tiny-en")
     if 2 not in spec.versions or model_repository.status(spec, 2).state.value != "ready":
-        pytest.skip("MISSING: whisper-tiny-en v2 is not built")
+        missing("whisper-tiny-en v2 is not built")
     with run_server(ARTIFACT_DIR / "logs", models="whisper-tiny-en,silero-vad", idle_timeout_s="2") as server:
         ready = get_json(f"{server.http}/readyz")
         assert ready["models"]["whisper-tiny-en"] == {"1": "ready", "2": "not_loaded"}

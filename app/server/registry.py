@@ -156,13 +156,20 @@ class ModelRegistry:
                 entry.on_demand = True
                 await self._load_entry(entry)
                 await asyncio.to_thread(release_free_memory)
-            if self._loads_on_demand(entry):
-                self._start_on_demand(entry)
-                raise ModelError(f"model {name!r} v{version} was not loaded at start (BROOK_VERSION_POLICY="
-                                 f"{self.version_policy.value}); it is loading now: retry in a few seconds")
-            if entry.state is not ServingState.READY:
-                raise ModelError(f"model {name!r} v{version} is {entry.state.value}: {entry.error}")
-            return entry
+            return self._ready_or_raise(entry)
+
+    def _ready_or_raise(self, entry: ServedVersion) -> ServedVersion:
+        """``entry`` when it is ready; else start its on-demand load if the policy allows one and raise
+        `ModelError` saying why it can not serve now."""
+        if self._loads_on_demand(entry):
+            self._start_on_demand(entry)
+            raise ModelError(
+                f"model {entry.name!r} v{entry.version} was not loaded at start (BROOK_VERSION_POLICY="
+                f"{self.version_policy.value}); it is loading now: retry in a few seconds"
+            )
+        if entry.state is not ServingState.READY:
+            raise ModelError(f"model {entry.name!r} v{entry.version} is {entry.state.value}: {entry.error}")
+        return entry
 
     def _start_on_demand(self, entry: ServedVersion) -> asyncio.Task[None]:
         """The background task loading `entry` (one per version, shared by every session that pins it)."""
@@ -222,13 +229,7 @@ class ModelRegistry:
             entry = served.get(version)
             if entry is None:
                 raise UnknownModelError(f"model {name!r} has no version {version}; versions: {sorted(served)}")
-            if self._loads_on_demand(entry):
-                self._start_on_demand(entry)
-                raise ModelError(f"model {name!r} v{version} was not loaded at start (BROOK_VERSION_POLICY="
-                                 f"{self.version_policy.value}); it is loading now: retry in a few seconds")
-            if entry.state is not ServingState.READY:
-                raise ModelError(f"model {name!r} v{version} is {entry.state.value}: {entry.error}")
-            return entry
+            return self._ready_or_raise(entry)
         ready = [v for v in served.values() if v.state is ServingState.READY]
         if not ready:
             raise ModelError(f"model {name!r} has no ready version")
