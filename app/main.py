@@ -31,11 +31,15 @@ WEB_DIR = Path(__file__).resolve().parent.parent / "web"
 
 
 async def _load_models(state: ServerState) -> None:
-    for name in state.settings.models:
-        try:
-            await state.registry.load(name, policy=state.registry.version_policy)
-        except BrookError as exc:
-            logger.error("could not load %s: %s", name, exc)
+    state.registry.loading_at_start = True  # not ready until every configured model has had its turn
+    try:
+        for name in state.settings.models:
+            try:
+                await state.registry.load(name, policy=state.registry.version_policy)
+            except BrookError as exc:
+                logger.error("could not load %s: %s", name, exc)
+    finally:
+        state.registry.loading_at_start = False
     described = state.registry.describe()
     for model in described:
         if model["loaded"]:

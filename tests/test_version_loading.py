@@ -255,3 +255,27 @@ def test_default_server_loads_only_the_serving_versions_and_pins_wait_for_their_
         assert [e["type"] for e in realtime_switched] == ["session.created", "session.updated"], realtime_switched
         assert get_json(f"{server.http}/readyz")["models"]["whisper-tiny-en"] == {"1": "ready", "2": "ready"}
         assert server.log().count("loaded whisper-tiny-en v2 on demand") == 1
+
+
+def test_server_is_not_ready_until_every_configured_model_had_its_turn(rainfall_repo: ModelRepository) -> None:
+    """Models load one after another; /readyz must not say ready once the first one is up."""
+    from app.main import _load_models
+    from app.server.state import ServerState
+
+    async def scenario() -> None:
+        settings = Settings(models=("rainfall", "not-in-the-repository"))
+        registry = ModelRegistry(rainfall_repo, settings, Metrics())
+        ready_before_each_load: list[bool] = []
+        load = registry.load
+
+        async def recording_load(name: str, *, policy: VersionPolicy = VersionPolicy.ALL) -> list[Any]:
+            ready_before_each_load.append(registry.ready)
+            return await load(name, policy=policy)
+
+        registry.load = recording_load  # type: ignore[method-assign]
+        await _load_models(ServerState(settings, Metrics(), registry))
+        assert ready_before_each_load == [False, False], "rainfall was up, but the second model had not loaded yet"
+        assert registry.ready
+        await registry.shutdown()
+
+    asyncio.run(scenario())

@@ -88,11 +88,13 @@ class ModelRegistry:
         self._lock = asyncio.Lock()
         self.version_policy = VersionPolicy.parse(settings.version_policy)
         self._on_demand: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self.loading_at_start = False  # True while the server loads its configured models one after another
 
     @property
     def ready(self) -> bool:
-        """True when every requested model has at least one ready version and nothing is still loading."""
-        if not self._models:
+        """True when every requested model has at least one ready version and nothing is still loading (the
+        configured models load one after another: a model not started yet is not in ``_models``)."""
+        if not self._models or self.loading_at_start:
             return False
         versions = [v for served in self._models.values() for v in served.values()]
         starting = [v for v in versions if v.state is ServingState.LOADING and not v.on_demand]
