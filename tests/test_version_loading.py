@@ -233,7 +233,7 @@ def test_default_server_loads_only_the_serving_versions_and_pins_wait_for_their_
         missing("whisper-tiny-en v2 is not built")
     with run_server(ARTIFACT_DIR / "logs", models="whisper-tiny-en,silero-vad", idle_timeout_s="2") as server:
         ready = get_json(f"{server.http}/readyz")
-        assert ready["models"]["whisper-tiny-en"] == {"1": "ready", "2": "not_loaded"}
+        assert ready["models"]["whisper-tiny-en"] == {"1": "not_loaded", "2": "not_loaded", "3": "ready"}
 
         realtime = f"{server.ws}/v1/realtime?intent=transcription"
         switch = {"type": "session.update", "session": {"type": "transcription", "audio": {"input": {
@@ -253,7 +253,8 @@ def test_default_server_loads_only_the_serving_versions_and_pins_wait_for_their_
         assert listen[-1]["type"] == "end", listen
         assert realtime_pinned[0]["type"] == "session.created", realtime_pinned
         assert [e["type"] for e in realtime_switched] == ["session.created", "session.updated"], realtime_switched
-        assert get_json(f"{server.http}/readyz")["models"]["whisper-tiny-en"] == {"1": "ready", "2": "ready"}
+        assert get_json(f"{server.http}/readyz")["models"]["whisper-tiny-en"] == {
+            "1": "not_loaded", "2": "ready", "3": "ready"}
         assert server.log().count("loaded whisper-tiny-en v2 on demand") == 1
 
 

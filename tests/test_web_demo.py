@@ -105,7 +105,7 @@ def test_fake_microphone_streams_partials_then_finals_that_match_offline_and_fee
     page.click("#mic")
     assert page.get_attribute("#mic", "aria-label") == "Stop microphone"
     page.wait_for_selector("#listen-version:not([hidden])", timeout=WAIT_MS)
-    assert page.text_content("#listen-version") == "whisper-tiny-en v1"
+    assert page.text_content("#listen-version") == "whisper-tiny-en v3"
     page.wait_for_selector("#transcript li.partial", timeout=WAIT_MS)
     page.wait_for_selector("#speech[data-active='true']", state="attached", timeout=WAIT_MS)
     page.wait_for_selector("#transcript li.final", timeout=WAIT_MS)

@@ -30,6 +30,7 @@ SAMPLE_RATE_HZ: Final = 16_000
 WINDOW_FRAMES: Final = 3000
 GREEDY_TOKENS: Final = 30
 THREADS: Final = 2
+RESCORE_TOKENS: Final = 64
 N_LAYERS, N_HEADS, HEAD_DIM, N_VOCAB = 4, 6, 64, 51864
 
 
@@ -95,10 +96,10 @@ class Converted:
         return out
 
 
-def _convert(directory: Path, precision: str) -> Converted:
+def _convert(directory: Path, precision: str, **options: Any) -> Converted:
     source = real_ct2_dir()
     files = {name: source / name for name in REQUIRED_FILES}
-    config = convert_whisper(files, directory, {"precision": precision})
+    config = convert_whisper(files, directory, {"precision": precision, **options})
     json.dumps(config)  # the manifest stores it as JSON
     return Converted(directory, config)
 
@@ -111,6 +112,12 @@ def fp32(tmp_path_factory: pytest.TempPathFactory) -> Converted:
 @pytest.fixture(scope="module")
 def int8(tmp_path_factory: pytest.TempPathFactory) -> Converted:
     return _convert(tmp_path_factory.mktemp("whisper-int8"), "int8")
+
+
+@pytest.fixture(scope="module")
+def rescored(tmp_path_factory: pytest.TempPathFactory) -> Converted:
+    """fp32 with the int8 vocabulary projection and its best RESCORE_TOKENS logits recomputed (version 3)."""
+    return _convert(tmp_path_factory.mktemp("whisper-rescored"), "fp32", output_rescore_tokens=RESCORE_TOKENS)
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +202,7 @@ def _io(path: Path) -> Iterator[tuple[str, str, int, list[int | str]]]:
             yield kind, value.name, value.type.tensor_type.elem_type, _dims(value)
 
 
-@pytest.mark.parametrize("precision", ["fp32", "int8"])
+@pytest.mark.parametrize("precision", ["fp32", "int8", "rescored"])
 def test_graph_io_contract(precision: str, request: pytest.FixtureRequest, windows: np.ndarray) -> None:
     converted: Converted = request.getfixturevalue(precision)
     f32, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
@@ -304,8 +311,32 @@ def test_int8_decodes_nearly_the_same_tokens(
     assert int8_bytes < 0.7 * sum(path.stat().st_size for path in fp32.directory.glob("*.onnx"))
 
 
+def test_rescored_logits_are_exact_where_greedy_looks(
+    rescored: Converted, fp32: Converted, fp32_tokens: list[int], windows: np.ndarray
+) -> None:
+    """Version 3: the best logits equal the fp32 graph's, the rest are close, and greedy decoding is unchanged."""
+    assert rescored.config["output_rescore_tokens"] == RESCORE_TOKENS
+    assert rescored.greedy(windows[:1], _prompt(rescored.config), GREEDY_TOKENS) == fp32_tokens
+    sequence = np.array([[*_prompt(fp32.config), *fp32_tokens[:10]]], dtype=np.int64)
+    empty = np.zeros((N_LAYERS, 1, N_HEADS, 0, HEAD_DIM), dtype=np.float32)
+    cross = fp32.encode(windows[:1])
+    exact, exact_k, _ = fp32.step(sequence, empty, empty, cross)
+    fast, fast_k, _ = rescored.step(sequence, empty, empty, rescored.encode(windows[:1]))
+    np.testing.assert_array_equal(fast_k, exact_k)  # only the vocabulary projection differs
+    best = np.argsort(exact[0])[::-1][: RESCORE_TOKENS // 2]
+    np.testing.assert_allclose(fast[0, best], exact[0, best], atol=1e-4, rtol=0)
+    others = np.abs(fast[0] - exact[0])
+    logger.info("rescored logits: max error %.4f outside the best %d", others.max(), RESCORE_TOKENS)
+    assert 0 < others.max() < 0.5, "the other logits come from the int8 projection: close, not exact"
+    assert int(fast[0].argmax()) == int(exact[0].argmax())
+
+
 def test_convert_rejects_bad_requests(tmp_path: Path) -> None:
     files = {name: tmp_path / name for name in REQUIRED_FILES}
+    with pytest.raises(ValueError, match="needs precision 'fp32'"):
+        convert_whisper(files, tmp_path / "out", {"precision": "int8", "output_rescore_tokens": 64})
+    with pytest.raises(ValueError, match="must be an integer"):
+        convert_whisper(files, tmp_path / "out", {"precision": "fp32", "output_rescore_tokens": True})
     with pytest.raises(ValueError, match="precision must be one of"):
         convert_whisper(files, tmp_path / "out", {"precision": "int4"})
     with pytest.raises(ValueError, match="unknown whisper conversion options"):

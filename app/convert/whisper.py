@@ -63,7 +63,8 @@ logger = logging.getLogger(__name__)
 
 REQUIRED_FILES: Final = ("model.bin", "config.json", "tokenizer.json", "vocabulary.txt")
 PRECISIONS: Final = ("fp32", "int8")
-KNOWN_OPTIONS: Final = frozenset({"precision"})
+KNOWN_OPTIONS: Final = frozenset({"precision", "output_rescore_tokens"})
+MAX_RESCORE_TOKENS: Final = 1024
 LAYER_NORM_EPSILON: Final = 1e-5
 CT2_ACTIVATION_GELU_ERF: Final = 3  # ctranslate2 ActivationType::GELU (exact erf)
 MULTILINGUAL_MIN_VOCAB: Final = 51865  # the faster-whisper / CTranslate2 rule: .en models have 51864 tokens
@@ -262,8 +263,14 @@ def _cross_kv_outputs(g: GraphBuilder, x: str, w: _Weights, dims: WhisperDims, *
 # decoder
 
 
-def build_decoder(model: Ct2Model, dims: WhisperDims, plan: Int8Plan = FP32_PLAN) -> onnx.ModelProto:
-    """tokens + self/cross caches -> last-position logits + grown self caches."""
+def build_decoder(
+    model: Ct2Model, dims: WhisperDims, plan: Int8Plan = FP32_PLAN, *, rescore_tokens: int = 0
+) -> onnx.ModelProto:
+    """tokens + self/cross caches -> last-position logits + grown self caches.
+
+    ``rescore_tokens`` > 0 (fp32 plan only): the vocabulary projection runs on an int8 copy of the table with int8
+    activations, then the ``rescore_tokens`` best logits are recomputed exactly in fp32 (see ``_TiedEmbedding``).
+    """
     w = _Weights(model)
     g = GraphBuilder("whisper_decoder")
     n_layers, n_heads, head_dim = dims.n_layers, dims.n_heads, dims.head_dim
@@ -276,7 +283,7 @@ def build_decoder(model: Ct2Model, dims: WhisperDims, plan: Int8Plan = FP32_PLAN
     cross_v = g.add_input("cross_v", FLOAT, cross_shape)
 
     with g.scope("decoder"):
-        embed_tokens = _TiedEmbedding(g, w.raw("decoder/embeddings/weight"), plan)
+        embed_tokens = _TiedEmbedding(g, w.raw("decoder/embeddings/weight"), plan, rescore_tokens)
         with g.scope("embed_tokens"):
             x = embed_tokens.lookup(tokens)
         with g.scope("embed_positions"):
@@ -393,17 +400,25 @@ class _TiedEmbedding:
     fp32: Gather(table) and Gemm(x, table, transB=1).
     int8 lm_head: MatMulNBits over the block-quantized rows; the lookup then either decodes the same int8 rows
     (GatherBlockQuantized, ``plan.embeddings``) or Gathers an fp32 copy.
+    fp32 with ``rescore_tokens`` = k: the projection runs on an int8 copy of the table with int8 activations
+    (MatMulNBits, accuracy level 4: the fp32 Gemm reads the 80 MB table once per decoder call and is
+    memory-bound, 5 ms of a 10 ms step at batch 1), then the k best candidates are recomputed exactly from the
+    fp32 rows (TopK, Gather, MatMul, ScatterElements). Greedy decoding picks the exact argmax whenever it is
+    among the approximate top k; the other logits are off by the int8 rounding (a few hundredths).
     """
 
-    def __init__(self, g: GraphBuilder, table: np.ndarray, plan: Int8Plan) -> None:
+    def __init__(self, g: GraphBuilder, table: np.ndarray, plan: Int8Plan, rescore_tokens: int = 0) -> None:
         self._g = g
         self._n_vocab, self._d_model = table.shape
         self._plan = plan
+        self._rescore_tokens = rescore_tokens
+        if rescore_tokens and plan.lm_head:
+            raise ValueError("output rescoring recomputes fp32 logits: it needs the fp32 output projection")
         self._fp32_name = ""
         self._q8_name = ""
         self._scales_name = ""
         self._block_scales_name = ""
-        if plan.lm_head:
+        if plan.lm_head or rescore_tokens:
             data, scales = quantize_int8_blocks(table)
             self._q8_name = g.weight("embed_tokens.weight_q8", data)
             self._scales_name = g.weight("embed_tokens.weight_scales", scales)
@@ -436,20 +451,28 @@ class _TiedEmbedding:
     def project(self, x: str, output: str) -> None:
         """x [B, d] -> ``output`` [B, n_vocab]."""
         g = self._g
-        if self._plan.lm_head:
-            g.op(
-                "MatMulNBits",
-                [x, self._q8_name, self._scales_name],
-                outputs=[output],
-                domain=MS_DOMAIN,
-                K=self._d_model,
-                N=self._n_vocab,
-                bits=8,
-                block_size=INT8_BLOCK_SIZE,
-                accuracy_level=INT8_ACCURACY_LEVEL,
-            )
-        else:
+        if not self._q8_name:
             g.op("Gemm", [x, self._fp32_name], outputs=[output], transB=1)
+            return
+        approximate = g.op(
+            "MatMulNBits",
+            [x, self._q8_name, self._scales_name],
+            outputs=None if self._rescore_tokens else [output],
+            domain=MS_DOMAIN,
+            K=self._d_model,
+            N=self._n_vocab,
+            bits=8,
+            block_size=INT8_BLOCK_SIZE,
+            accuracy_level=INT8_ACCURACY_LEVEL,
+        )[0]
+        if not self._rescore_tokens:
+            return
+        with g.scope("rescore"):
+            _, top = g.op("TopK", [approximate, g.const([self._rescore_tokens])], n_outputs=2, axis=-1)
+            rows = g.op1("Gather", [self._fp32_name, top], axis=0)  # [B, k, d]
+            exact = g.op1("MatMul", [rows, g.op1("Unsqueeze", [x, g.const([2])])])  # [B, k, 1]
+            exact = g.op1("Squeeze", [exact, g.const([2])])
+            g.op("ScatterElements", [approximate, top, exact], outputs=[output], axis=1)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -522,6 +545,14 @@ def convert_whisper(files: Mapping[str, Path], out_dir: Path, options: Mapping[s
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     plan = PLAN_BY_PRECISION[precision]
+    rescore_tokens = options.get("output_rescore_tokens", 0)
+    valid = isinstance(rescore_tokens, int) and not isinstance(rescore_tokens, bool)
+    if not valid or not 0 <= rescore_tokens <= MAX_RESCORE_TOKENS:
+        raise ValueError(
+            f"option 'output_rescore_tokens' must be an integer in [0, {MAX_RESCORE_TOKENS}], got {rescore_tokens!r}"
+        )
+    if rescore_tokens and plan.lm_head:
+        raise ValueError("option 'output_rescore_tokens' needs precision 'fp32' (it recomputes fp32 logits)")
 
     started = time.perf_counter()
     model = load_ct2_model(Path(files["model.bin"]))
@@ -531,7 +562,7 @@ def convert_whisper(files: Mapping[str, Path], out_dir: Path, options: Mapping[s
 
     out_dir.mkdir(parents=True, exist_ok=True)
     onnx.save(build_encoder(model, dims, plan), out_dir / ENCODER_FILE)
-    onnx.save(build_decoder(model, dims, plan), out_dir / DECODER_FILE)
+    onnx.save(build_decoder(model, dims, plan, rescore_tokens=rescore_tokens), out_dir / DECODER_FILE)
     shutil.copyfile(files["tokenizer.json"], out_dir / TOKENIZER_FILE)
     logger.info("converted Whisper %s to %s in %.1f s", precision, out_dir, time.perf_counter() - started)
 
@@ -551,6 +582,7 @@ def convert_whisper(files: Mapping[str, Path], out_dir: Path, options: Mapping[s
         "d_model": dims.d_model,
         "precision": precision,
         "int8_plan": asdict(plan),
+        "output_rescore_tokens": rescore_tokens,
         "encoder": ENCODER_FILE,
         "decoder": DECODER_FILE,
         "tokenizer": TOKENIZER_FILE,
