@@ -33,6 +33,7 @@ class Settings:
     max_utterance_s: float = 25.0  # a final is forced when one utterance reaches this length
     speech_threads: int = 1  # onnxruntime intra-op threads of each speech engine
     speech_workers: int = 2  # batches each speech engine transcribes at once, on their own threads
+    speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush

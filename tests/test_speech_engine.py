@@ -9,7 +9,9 @@ offline transcript keeps (meeting_60s ends with one sentence four times), so the
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
@@ -21,8 +23,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings, SpeechStream, _AudioBuffer, _Mailbox
+from app.engine import speech_engine as speech_engine_module
+from app.engine.speech_decode import GroupTiming, WindowJob, WindowText
+from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings, SpeechStream
 from app.engine.speech_events import SpeechEvent, SpeechStarted, StreamEnded, StreamOptions, Transcript
+from app.engine.speech_streams import AudioBuffer, Mailbox
 from app.errors import EngineDeadError, ModelError
 from app.paths import default_model_dir
 from app.repository import ModelRepository
@@ -383,9 +388,62 @@ def test_bad_audio_is_rejected(whisper: WhisperRunner, vad: VadRunner) -> None:
     run(with_engine(whisper, vad, body))
 
 
+def test_a_free_worker_takes_the_next_batch_while_another_is_still_running(
+    whisper: WhisperRunner, vad: VadRunner, clips: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Continuous batching: the first batch hangs in one worker; the other worker keeps serving the other stream,
+    and once released the stuck stream's results still arrive, in order. (The transcription is faked: this test
+    is about the engine's workers, not Whisper.)"""
+    release = threading.Event()
+    calls = itertools.count()
+
+    def transcribe_slowly_once(runner: Any, jobs: Sequence[WindowJob], policy: Any, rules: Any) -> Any:
+        if next(calls) == 0:
+            release.wait(timeout=120)
+        texts = [WindowText(job.key, f"{job.kind} {job.audio.shape[0]}", False, False, False, 1) for job in jobs]
+        return texts, GroupTiming(len(jobs), 0.0, 0.0, 0.0)
+
+    monkeypatch.setattr(speech_engine_module, "transcribe_group", transcribe_slowly_once)
+    settings = SpeechEngineSettings(max_batch_size=1, decode_workers=2, max_partial_lag_s=None)
+    audio = clips["telephone"][: 20 * SAMPLE_RATE_HZ]  # speech from 6.5 s on
+
+    async def body(engine: SpeechEngine) -> None:
+        streams = [engine.open_stream(StreamOptions()), engine.open_stream(StreamOptions())]
+        received: list[list[Transcript]] = [[], []]
+
+        async def consume(index: int) -> None:
+            while not isinstance(event := await streams[index].next_event(), StreamEnded):
+                if isinstance(event, Transcript):
+                    received[index].append(event)
+
+        async def push(stream: SpeechStream) -> None:  # the stuck stream's pushes wait once its backlog is full
+            for chunk in np.array_split(audio, 40):
+                await stream.push_audio(chunk)
+            stream.end()
+
+        consumers = [asyncio.create_task(consume(index)) for index in range(2)]
+        pushers = [asyncio.create_task(push(stream)) for stream in streams]
+        for _ in range(600):
+            if max(len(texts) for texts in received) >= 3:
+                break
+            await asyncio.sleep(0.1)
+        stuck = 0 if not received[0] else 1
+        assert not received[stuck] and len(received[1 - stuck]) >= 3, received  # served while the other hangs
+        release.set()
+        await asyncio.gather(*pushers, *consumers)
+        for texts in received:
+            assert texts and texts[-1].kind == "final", texts
+            ends = [(event.utterance, event.end) for event in texts if event.kind == "partial"]
+            assert ends == sorted(ends), "a stream's partials must arrive in order"
+
+    run(with_engine(whisper, vad, body, settings))
+
+
 def test_settings_reject_utterances_longer_than_whisper_windows() -> None:
     with pytest.raises(ValueError, match="max_utterance_s"):
         SpeechEngineSettings(max_utterance_s=31)
+    with pytest.raises(ValueError, match="positive"):
+        SpeechEngineSettings(decode_workers=0)
 
 
 # ------------------------------------------------------------------------------------------------ without models
@@ -394,7 +452,7 @@ def test_settings_reject_utterances_longer_than_whisper_windows() -> None:
 @settings(max_examples=100, deadline=None)
 @given(st.lists(st.tuples(st.integers(min_value=0, max_value=40_000), st.integers(min_value=0, max_value=40_000))))
 def test_audio_buffer_keeps_exactly_the_samples_not_discarded(operations: list[tuple[int, int]]) -> None:
-    buffer = _AudioBuffer(capacity=100)
+    buffer = AudioBuffer(capacity=100)
     everything = np.zeros(0, dtype=np.float32)
     for push, discard in operations:
         chunk = np.arange(everything.shape[0], everything.shape[0] + push, dtype=np.float32)
@@ -409,7 +467,7 @@ def test_audio_buffer_keeps_exactly_the_samples_not_discarded(operations: list[t
 
 def test_mailbox_coalesces_partials_of_one_utterance_only() -> None:
     async def body() -> list[SpeechEvent]:
-        mailbox = _Mailbox()
+        mailbox = Mailbox()
         mailbox.put(SpeechStarted(0, 0.0))
         mailbox.put(Transcript("partial", 0, "a", 0.0, 1.0))
         mailbox.put(SpeechStarted(1, 2.0))
@@ -434,13 +492,13 @@ def test_mailbox_coalesces_partials_of_one_utterance_only() -> None:
 
 def test_mailbox_failure_after_queued_events_and_close_wins() -> None:
     async def body() -> None:
-        mailbox = _Mailbox()
+        mailbox = Mailbox()
         mailbox.put(SpeechStarted(0, 0.0))
         mailbox.fail(EngineDeadError("gone"))
         assert await mailbox.get() == SpeechStarted(0, 0.0)
         with pytest.raises(EngineDeadError, match="gone"):
             await mailbox.get()
-        closed = _Mailbox()
+        closed = Mailbox()
         closed.put(SpeechStarted(0, 0.0))
         closed.close()
         assert await closed.get() == StreamEnded()

@@ -176,12 +176,33 @@ def test_partials_go_round_robin_when_streams_outnumber_the_batch() -> None:
     scheduler.apply_vad("b", [S] * 4)
     [first] = scheduler.plan_decodes()
     assert [item.stream_id for item in first.items] == ["a"]
+    scheduler.complete(first.items[0])
     scheduler.apply_vad("a", [S] * 4)  # a and b each get a newer partial; b has waited longer
     scheduler.apply_vad("b", [S] * 4)
     [second] = scheduler.plan_decodes()
     assert [(item.stream_id, item.end) for item in second.items] == [("b", 8 * FRAME)]  # b's newest window
     [third] = scheduler.plan_decodes()
     assert [item.stream_id for item in third.items] == ["a"]
+
+
+def test_a_stream_gets_no_decode_while_one_of_its_decodes_is_in_flight() -> None:
+    """Batches overlap (one per decode worker), but each stream's results must come back in order."""
+    scheduler = make_scheduler()
+    for name in "ab":
+        scheduler.add_stream(name, TOY)
+        scheduler.push(name, 2000)
+    scheduler.apply_vad("a", [S] * 4)
+    [first] = scheduler.plan_decodes()
+    [a_partial] = first.items
+    scheduler.apply_vad("a", [S] * 4 + [Q] * 5)  # a: a newer partial, then its final, while a_partial runs
+    scheduler.apply_vad("b", [S] * 4)
+    assert scheduler.has_ready_decodes()
+    [second] = scheduler.plan_decodes()
+    assert [item.stream_id for item in second.items] == ["b"]
+    assert not scheduler.has_ready_decodes() and scheduler.plan_decodes() == []  # a waits, b is in flight
+    assert scheduler.complete(a_partial).deliver is False  # a's final is queued: the partial is stale
+    [third] = scheduler.plan_decodes()
+    assert [(item.stream_id, item.kind) for item in third.items] == [("a", "final")]
 
 
 def test_stale_partials_are_dropped_but_finals_never() -> None:

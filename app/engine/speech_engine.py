@@ -5,15 +5,19 @@ Shape (the vLLM/sherpa pattern, see /work/shared/STYLE.md section 6):
 - The asyncio event loop owns every piece of mutable state: streams, audio buffers, VAD states, the pure
   ``SpeechScheduler`` and the mailboxes. One step-loop task drives the work; when there is none it waits on an
   ``asyncio.Event`` (no polling).
-- Only runner calls leave the loop, on a ``ThreadPoolExecutor`` of ``decode_workers`` threads owned by the engine,
-  with fresh numpy inputs (audio slices and VAD states are copies; results are copied back on the loop). A step's
-  windows are split into ``decode_workers`` batches that run at once (onnxruntime sessions accept concurrent runs):
-  with one intra-op thread per session, one batch of 16 windows kept only one of two cores busy (the decoder's
-  many small operators do not split across threads), two batches of 8 keep both busy.
+- Only runner calls leave the loop, with fresh numpy inputs (audio slices and VAD states are copies; results are
+  copied back on the loop): Whisper batches on a ``ThreadPoolExecutor`` of ``decode_workers`` threads, the VAD on
+  a thread of its own so that it never waits behind a Whisper batch. onnxruntime sessions accept concurrent runs:
+  with one intra-op thread per session, one batch kept only one of two cores busy (the decoder's many small
+  operators do not split across threads); two workers keep both busy.
 - A step: Silero VAD on every pending 512-sample frame of every stream, one batched call per frame column; the
-  segmenters turn probabilities into ``SpeechStarted`` events and due decodes; then every due final and the newest
-  due partial of each stream (up to ``max_batch_size`` windows, finals first) are transcribed, one batched encoder
-  and decoder call per group of equal window length.
+  segmenters turn probabilities into ``SpeechStarted`` events and due decodes; then each free decode worker gets a
+  batch (up to ``max_batch_size`` windows: due finals first, then the newest due partial of each stream) and runs
+  it as one batched encoder and decoder call per group of equal window length. Batches finish on their own: the
+  loop does not wait for them, so a worker that finishes early takes the next batch at once while the other is
+  still busy (continuous batching; until this release a step waited for all of its windows, and a partial due
+  meanwhile waited for the slowest window of the step). The scheduler gives a stream no new decode while one of
+  its decodes is in flight, so each stream's results still arrive in order.
 - Nothing reaches Whisper without the VAD: silence and noise cost only VAD calls and produce no events.
 
 Windows. Measured on this shared 2-core machine (whisper-tiny-en v1 fp32, the decode guards of
@@ -58,12 +62,18 @@ only same-run comparisons count). ``scripts/bench_speech_windows`` replays every
   decoder steps they cost eat most of the encoder's saving, so the 10 s minimum stays.
 - Partials are served round-robin (a newer partial keeps the waiting one's place in the queue) so that no stream
   starves when more streams speak than ``max_batch_size``.
-- What bounds the targets: every partial re-encodes and re-decodes its whole utterance. At the 0.5 s cadence that
-  is ~1.4 windows per second of audio, 0.34 CPU s per audio second here, so 16 streams would need 5.4 CPU s per
-  second on a 2-core machine; the engine keeps up by shedding partials (a saturated step serves one partial per
-  stream), which is why partial latency grows with the number of streams. Reaching the issue's targets needs the
-  per-window cost cut ~3x more: a decoder that verifies the previous partial's tokens in one call (logits for
-  every new position, per-row positions), and encoder work that does not grow with the utterance.
+- Batches (this release, ``scripts/bench_speech_load``, 16 paced streams on 2 cores, same run): windows decoded by
+  whisper-tiny-en v3 (its vocabulary projection cost 5 of 10 ms per decoded token at batch 1 in v1) in batches
+  that no longer wait for each other. Partial p95 / final p95: step-synchronous batches of 8 (the previous engine)
+  9.1 / 7.6 s; batches of 8 on free workers 5.4-6.2 / 3.9-4.2 s; of 4, 4.5 / 2.7 s; of 2 (the default), 3.6 /
+  1.9 s; of 1, 3.7 / 1.4 s. With v3 a row costs about as much at batch 1 as at batch 16 (3.9 against 3.2 ms per
+  token), so small batches cost little CPU and each window comes back sooner.
+- What bounds the targets: every partial re-encodes its window (at least 10 s, ~90 ms of CPU) and re-decodes the
+  utterance (~3.7 ms per token per row). A partial latency p95 <= 1 s needs a fresh partial every ~0.5 s per
+  stream, so 16 streams would need ~5.8 CPU s per second on a 2-core machine (the encoders alone 2.9); the engine
+  keeps up by shedding partials, which is why partial latency grows with the number of streams. Going further
+  needs encoder work that does not grow with the utterance, which Whisper's bidirectional encoder does not allow
+  exactly.
 
 Load shedding: a waiting partial whose newest audio was pushed more than ``max_partial_lag_s`` ago is dropped
 unsent, so an engine that falls behind spends its time on finals and catches up instead of transcribing stale
@@ -82,7 +92,6 @@ import contextlib
 import itertools
 import logging
 import time
-from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -93,6 +102,7 @@ import numpy as np
 from app.engine.speech_decode import DecodePolicy, PromptRules, WindowJob, WindowText, transcribe_group
 from app.engine.speech_events import SpeechEvent, SpeechStarted, StreamEnded, StreamOptions, Transcript
 from app.engine.speech_scheduler import DecodeGroup, DecodeItem, SpeechScheduler
+from app.engine.speech_streams import AudioBuffer, InFlight, StreamState
 from app.engine.utterance import SAMPLE_RATE_HZ, VAD_FRAME_SAMPLES, SegmentationConfig, UtteranceStarted
 from app.errors import EngineDeadError
 from app.speech.vad import VadRunner, VadStreamState
@@ -111,7 +121,7 @@ class SpeechEngineSettings:
     """Every tunable of the engine."""
 
     partial_interval_s: float = 0.5  # new speech audio between two partials of an utterance
-    max_batch_size: int = 16  # windows transcribed per step (finals first, then partials)
+    max_batch_size: int = 2  # windows per batch (finals first, then partials); each decode worker runs one at a time
     vad_threshold: float = 0.5  # Silero probability at or above which speech starts
     vad_neg_threshold: float = 0.35  # below this a frame is silence (hysteresis)
     speech_pad_ms: int = 300  # audio kept before the onset (pre-roll) and after the last speech
@@ -121,15 +131,16 @@ class SpeechEngineSettings:
     max_backlog_s: float = 10.0  # push_audio waits while a stream has more unsettled audio than this
     max_pending_events: int = 64  # push_audio also waits while the consumer has this many unread events
     max_vad_s_per_step: float = 5.0  # VAD audio per stream per step, so a burst cannot monopolise a step
+    max_vad_lead_s: float = 2.0  # the VAD stays at most this far ahead of the end of a stream's decode in flight
     max_partial_lag_s: float | None = 2.0  # a partial whose audio was pushed longer ago is skipped; None: never
     intra_op_threads: int = 2  # onnxruntime threads of the Whisper sessions (used by ``from_repository``)
-    decode_workers: int = 2  # a step's windows are split into this many batches transcribed at once, on own threads
+    decode_workers: int = 2  # Whisper batches transcribed at once, each on its own thread
     decode: DecodePolicy = field(default_factory=DecodePolicy)  # window sizes and decode guards
 
     def __post_init__(self) -> None:
         if not 0 < self.max_utterance_s <= WHISPER_MAX_WINDOW_S:
             raise ValueError(f"max_utterance_s must lie in (0, {WHISPER_MAX_WINDOW_S}], got {self.max_utterance_s}")
-        if self.partial_interval_s <= 0 or self.max_backlog_s <= 0 or self.max_vad_s_per_step <= 0:
+        if min(self.partial_interval_s, self.max_backlog_s, self.max_vad_s_per_step, self.max_vad_lead_s) <= 0:
             raise ValueError(f"expected positive intervals, got {self}")
         if self.max_partial_lag_s is not None and self.max_partial_lag_s <= 0:
             raise ValueError(f"max_partial_lag_s must be positive or None, got {self.max_partial_lag_s}")
@@ -179,130 +190,10 @@ class _NullObserver:
         pass
 
 
-class _AudioBuffer:
-    """The samples of one stream from ``base`` on, in one growing float32 array."""
-
-    def __init__(self, capacity: int = SAMPLE_RATE_HZ * 4) -> None:
-        self._data = np.zeros(capacity, dtype=np.float32)
-        self._offset = 0  # index in _data of sample ``base``
-        self.base = 0  # absolute index of the first sample kept
-        self.end = 0  # absolute index after the last sample
-
-    @property
-    def kept_samples(self) -> int:
-        return self.end - self.base
-
-    def append(self, samples: np.ndarray) -> None:
-        needed = self.kept_samples + samples.shape[0]
-        if self._offset + needed > self._data.shape[0]:
-            capacity = max(self._data.shape[0], SAMPLE_RATE_HZ)
-            while needed > capacity // 2:
-                capacity *= 2
-            fresh = np.zeros(capacity, dtype=np.float32)
-            fresh[: self.kept_samples] = self._data[self._offset : self._offset + self.kept_samples]
-            self._data, self._offset = fresh, 0
-        start = self._offset + self.kept_samples
-        self._data[start : start + samples.shape[0]] = samples
-        self.end += samples.shape[0]
-
-    def read(self, start: int, end: int) -> np.ndarray:
-        """A copy of samples ``[start, end)``."""
-        if not self.base <= start <= end <= self.end:
-            raise ValueError(f"expected a range inside [{self.base}, {self.end}), got [{start}, {end})")
-        return self._data[self._offset + start - self.base : self._offset + end - self.base].copy()
-
-    def discard_before(self, position: int) -> None:
-        position = min(max(position, self.base), self.end)
-        self._offset += position - self.base
-        self.base = position
-
-
-class _Mailbox:
-    """Events for one consumer. Partials of an utterance coalesce; everything else is kept in order."""
-
-    def __init__(self) -> None:
-        self._events: deque[SpeechEvent] = deque()
-        self._ready = asyncio.Event()
-        self._error: BaseException | None = None
-        self._closed = False  # close(): drop everything, answer StreamEnded
-        self._finished = False  # StreamEnded was queued: answer StreamEnded once the queue is empty
-
-    def __len__(self) -> int:
-        return len(self._events)
-
-    def put(self, event: SpeechEvent) -> None:
-        if self._closed:
-            return
-        if isinstance(event, Transcript) and event.kind == "partial":
-            for index, queued in enumerate(self._events):
-                if isinstance(queued, Transcript) and queued.kind == "partial" and queued.utterance == event.utterance:
-                    self._events[index] = event
-                    return
-        self._finished = self._finished or isinstance(event, StreamEnded)
-        self._events.append(event)
-        self._ready.set()
-
-    def fail(self, error: BaseException) -> None:
-        self._error = error
-        self._ready.set()
-
-    def close(self) -> None:
-        self._closed = True
-        self._events.clear()
-        self._ready.set()
-
-    async def get(self) -> SpeechEvent:
-        while True:
-            if self._events:
-                return self._events.popleft()
-            if self._closed or self._finished:
-                return StreamEnded()
-            if self._error is not None:
-                raise self._error
-            self._ready.clear()
-            await self._ready.wait()
-
-
-@dataclass
-class _StreamState:
-    """Loop-owned state of one stream."""
-
-    stream_id: str
-    options: StreamOptions
-    vad: VadStreamState
-    audio: _AudioBuffer = field(default_factory=_AudioBuffer)
-    mailbox: _Mailbox = field(default_factory=_Mailbox)
-    space: asyncio.Event = field(default_factory=asyncio.Event)  # set when a waiting push may proceed
-    pushes: deque[tuple[int, float]] = field(default_factory=deque)  # (end sample, monotonic time) per push
-    marker_times: dict[int, float] = field(default_factory=dict)  # finalize/end position -> monotonic time
-    ended: bool = False  # end() was called
-    closed: bool = False  # close() was called, or the engine released it after StreamEnded
-
-    def push_time(self, position: int) -> float | None:
-        """When the sample at ``position`` was pushed."""
-        for end, pushed_at in self.pushes:
-            if end > position:
-                return pushed_at
-        return None
-
-    def forget_before(self, position: int) -> None:
-        """Drop push and marker times no decode can ask about any more."""
-        while len(self.pushes) > 1 and self.pushes[0][0] <= position:
-            self.pushes.popleft()
-        for marker in [marker for marker in self.marker_times if marker < position]:
-            del self.marker_times[marker]
-
-
-@dataclass(frozen=True)
-class _InFlight:
-    item: DecodeItem
-    due_at: float | None  # monotonic time the decode became due (for the latency hooks)
-
-
 class SpeechStream:
     """A client's handle on one live audio stream. Use it from the engine's event loop only."""
 
-    def __init__(self, engine: SpeechEngine, state: _StreamState) -> None:
+    def __init__(self, engine: SpeechEngine, state: StreamState) -> None:
         self._engine = engine
         self._state = state
         self.id = state.stream_id
@@ -372,13 +263,17 @@ class SpeechEngine:
             max_vad_frames_per_step=max(
                 1, round(self.settings.max_vad_s_per_step * SAMPLE_RATE_HZ / VAD_FRAME_SAMPLES)
             ),
+            max_vad_lead_samples=round(self.settings.max_vad_lead_s * SAMPLE_RATE_HZ),
         )
         self._rules = PromptRules.from_config(whisper.config)
-        self._streams: dict[str, _StreamState] = {}
+        self._streams: dict[str, StreamState] = {}
         self._ids = itertools.count()
         self._wake = asyncio.Event()
-        self._executor: ThreadPoolExecutor | None = None
+        self._executor: ThreadPoolExecutor | None = None  # Whisper batches, one thread per decode worker
+        self._vad_executor: ThreadPoolExecutor | None = None  # VAD calls, never queued behind a Whisper batch
         self._task: asyncio.Task[None] | None = None
+        self._batches: set[asyncio.Task[None]] = set()  # Whisper batches in flight
+        self._crash: BaseException | None = None  # a batch's exception, re-raised by the step loop
         self._dead: EngineDeadError | None = None
         self._busy_s = 0.0  # seconds the inference thread has worked (for benchmarks)
 
@@ -411,18 +306,21 @@ class SpeechEngine:
             raise RuntimeError("the speech engine was already started")
         workers = self.settings.decode_workers
         self._executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="speech-engine")
+        self._vad_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="speech-engine-vad")
         self._task = asyncio.create_task(self._run(), name="speech-engine-step-loop")
 
     async def shutdown(self) -> None:
         """Stop the loop; every stream's pending and later ``next_event`` raises ``EngineDeadError``."""
         self._fail(EngineDeadError("the speech engine was shut down"))
         task, self._task = self._task, None
-        if task is not None:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
+        for batch in [*self._batches, task]:
+            if batch is not None:
+                batch.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await batch
+        for executor in (self._executor, self._vad_executor):
+            if executor is not None:
+                executor.shutdown(wait=False, cancel_futures=True)
 
     @property
     def active_streams(self) -> int:
@@ -443,14 +341,14 @@ class SpeechEngine:
             raise self._dead
         chosen = options or StreamOptions()
         stream_id = f"speech-{next(self._ids)}"
-        state = _StreamState(stream_id, chosen, self._vad.new_stream())
+        state = StreamState(stream_id, chosen, self._vad.new_stream())
         self._scheduler.add_stream(stream_id, self.settings.segmentation(chosen))
         self._streams[stream_id] = state
         return SpeechStream(self, state)
 
     # ----------------------------------------------------------------------------------------------- stream calls
 
-    def _must_wait(self, state: _StreamState) -> bool:
+    def _must_wait(self, state: StreamState) -> bool:
         if self._dead is not None:
             raise self._dead
         if state.stream_id not in self._scheduler:
@@ -458,13 +356,13 @@ class SpeechEngine:
         backlog_s = self._scheduler.backlog(state.stream_id) / SAMPLE_RATE_HZ
         return backlog_s > self.settings.max_backlog_s or len(state.mailbox) >= self.settings.max_pending_events
 
-    def _accept_audio(self, state: _StreamState, samples: np.ndarray) -> None:
+    def _accept_audio(self, state: StreamState, samples: np.ndarray) -> None:
         state.audio.append(samples)
         total = self._scheduler.push(state.stream_id, samples.shape[0])
         state.pushes.append((total, time.monotonic()))
         self._wake.set()
 
-    def _marker(self, state: _StreamState, kind: str) -> None:
+    def _marker(self, state: StreamState, kind: str) -> None:
         if state.closed or state.ended:
             return
         if self._dead is not None:
@@ -477,13 +375,13 @@ class SpeechEngine:
             self._scheduler.finalize(state.stream_id)
         self._wake.set()
 
-    def _release(self, state: _StreamState, *, keep_events: bool = False) -> None:
+    def _release(self, state: StreamState, *, keep_events: bool = False) -> None:
         """Forget a stream's engine-side state (close(), or after StreamEnded with ``keep_events``)."""
         if state.stream_id in self._streams:
             del self._streams[state.stream_id]
             self._scheduler.remove_stream(state.stream_id)
         state.closed = True
-        state.audio = _AudioBuffer(capacity=0)
+        state.audio = AudioBuffer(capacity=0)
         state.pushes.clear()
         state.marker_times.clear()
         if not keep_events:
@@ -502,7 +400,9 @@ class SpeechEngine:
     async def _run(self) -> None:
         try:
             while True:
-                if not self._scheduler.has_work():
+                if self._crash is not None:
+                    raise self._crash
+                if not self._can_progress():
                     self._wake.clear()
                     await self._wake.wait()
                     continue
@@ -516,13 +416,36 @@ class SpeechEngine:
             error.__cause__ = exc
             self._fail(error)
 
+    def _can_progress(self) -> bool:
+        """VAD work, an end to report, or a decode ready while a worker is free (a batch's end wakes the loop)."""
+        scheduler = self._scheduler
+        if len(self._batches) < self.settings.decode_workers and scheduler.has_ready_decodes():
+            return True
+        return bool(scheduler.has_ends_to_report() or scheduler.plan_vad())
+
     async def _step(self) -> None:
+        """VAD on the new audio, then a batch for every free decode worker; batches finish on their own."""
         await self._vad_phase()
         for stream_id in self._scheduler.take_ended():
             self._end_stream(stream_id)
-        groups = self._scheduler.plan_decodes(self._is_stale if self.settings.max_partial_lag_s is not None else None)
-        if groups:
-            await self._decode_phase(groups)
+        is_stale = self._is_stale if self.settings.max_partial_lag_s is not None else None
+        while len(self._batches) < self.settings.decode_workers:
+            groups = self._scheduler.plan_decodes(is_stale)
+            if not groups:
+                break
+            batch = asyncio.create_task(self._decode_batch(self._prepare_batch(groups)), name="speech-engine-batch")
+            self._batches.add(batch)
+            batch.add_done_callback(self._batch_done)
+        self._discard_settled_audio()
+
+    def _batch_done(self, batch: asyncio.Task[None]) -> None:
+        self._batches.discard(batch)
+        if not batch.cancelled() and batch.exception() is not None and self._crash is None:
+            self._crash = batch.exception()
+        self._discard_settled_audio()
+        self._wake.set()
+
+    def _discard_settled_audio(self) -> None:
         for state in list(self._streams.values()):
             retain = self._scheduler.retain_from(state.stream_id)
             state.audio.discard_before(retain)
@@ -540,7 +463,7 @@ class SpeechEngine:
                 end = item.first_sample + item.n_frames * VAD_FRAME_SAMPLES
                 frames = state.audio.read(item.first_sample, end).reshape(item.n_frames, VAD_FRAME_SAMPLES)
                 inputs.append((VadStreamState(state.vad.state.copy(), state.vad.context.copy()), frames))
-            results, columns = await self._infer(_run_vad_columns, self._vad, inputs)
+            results, columns = await self._infer(self._vad_executor, _run_vad_columns, self._vad, inputs)
             for size, seconds in columns:
                 self._observer.on_batch("vad", size, seconds)
             for item, (vad_state, _), values in zip(work, inputs, results, strict=True):
@@ -558,40 +481,42 @@ class SpeechEngine:
                 if isinstance(event, UtteranceStarted):
                     state.mailbox.put(SpeechStarted(event.utterance, event.start / SAMPLE_RATE_HZ))
 
-    async def _decode_phase(self, groups: list[DecodeGroup]) -> None:
-        """Transcribe the groups one executor call each, finals' groups first, delivering after each call."""
+    def _prepare_batch(self, groups: list[DecodeGroup]) -> list[tuple[list[InFlight], list[WindowJob]]]:
+        """Copy the windows' audio now, while the buffers still hold it (handed-out decodes no longer keep their
+        audio from being discarded), finals' groups first."""
+        prepared: list[tuple[list[InFlight], list[WindowJob]]] = []
         ordered = sorted(groups, key=lambda group: min(0 if item.kind == "final" else 1 for item in group.items))
         for group in ordered:
-            flights: list[_InFlight] = []
+            flights: list[InFlight] = []
             jobs: list[WindowJob] = []
             for item in group.items:
                 state = self._streams.get(item.stream_id)
-                if state is None:  # closed while an earlier group ran
+                if state is None:
                     self._scheduler.complete(item)
                     continue
-                flights.append(_InFlight(item, self._due_time(state, item)))
+                flights.append(InFlight(item, self._due_time(state, item)))
                 jobs.append(self._window_job(len(jobs), state, item))
-            if not jobs:
-                continue
-            chunks = split_evenly(jobs, self.settings.decode_workers)
+            if jobs:
+                prepared.append((flights, jobs))
+        return prepared
+
+    async def _decode_batch(self, prepared: list[tuple[list[InFlight], list[WindowJob]]]) -> None:
+        """One worker's batch: one executor call per group of equal window length, delivering after each call."""
+        for flights, jobs in prepared:
             policy, rules = self.settings.decode, self._rules
-            results = await asyncio.gather(
-                *(self._infer(transcribe_group, self._whisper, chunk, policy, rules) for chunk in chunks)
-            )
-            texts = [text for chunk_texts, _ in results for text in chunk_texts]
-            for _, timing in results:
-                self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
-                self._observer.on_batch("decode", timing.size, timing.decode_s)
+            texts, timing = await self._infer(self._executor, transcribe_group, self._whisper, jobs, policy, rules)
+            self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
+            self._observer.on_batch("decode", timing.size, timing.decode_s)
             now = time.monotonic()
             for flight, text in sorted(zip(flights, texts, strict=True), key=lambda pair: pair[0].item.order):
                 self._deliver(flight, text, now)
 
     @staticmethod
-    def _window_job(index: int, state: _StreamState, item: DecodeItem) -> WindowJob:
+    def _window_job(index: int, state: StreamState, item: DecodeItem) -> WindowJob:
         audio = state.audio.read(item.start, item.end)
         return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens)
 
-    def _deliver(self, flight: _InFlight, text: WindowText, now: float) -> None:
+    def _deliver(self, flight: InFlight, text: WindowText, now: float) -> None:
         item = flight.item
         completion = self._scheduler.complete(item)
         state = self._streams.get(item.stream_id)
@@ -622,29 +547,22 @@ class SpeechEngine:
         limit = self.settings.max_partial_lag_s
         return pushed_at is not None and limit is not None and time.monotonic() - pushed_at > limit
 
-    def _due_time(self, state: _StreamState, item: DecodeItem) -> float | None:
+    def _due_time(self, state: StreamState, item: DecodeItem) -> float | None:
         if item.kind == "final" and item.due_position in state.marker_times:
             return state.marker_times[item.due_position]
         return state.push_time(item.due_position - 1)
 
-    async def _infer(self, function: Any, *args: Any) -> Any:
-        if self._executor is None:
+    async def _infer(self, executor: ThreadPoolExecutor | None, function: Any, *args: Any) -> Any:
+        if executor is None:
             raise RuntimeError("the speech engine is not started")
         started = time.perf_counter()
         try:
-            return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
+            return await asyncio.get_running_loop().run_in_executor(executor, function, *args)
         finally:
             self._busy_s += time.perf_counter() - started
 
 
 # --------------------------------------------------------------------------------------------------- inference
-
-
-def split_evenly(items: Sequence[WindowJob], parts: int) -> list[list[WindowJob]]:
-    """``items`` in at most ``parts`` contiguous chunks whose sizes differ by at most one (no empty chunk)."""
-    count = min(parts, len(items))
-    bounds = [len(items) * index // count for index in range(count + 1)] if count else [0]
-    return [list(items[bounds[index] : bounds[index + 1]]) for index in range(count)]
 
 
 def _run_vad_columns(

@@ -6,7 +6,9 @@ finals waiting to be decoded (first in, first out; never dropped) and at most on
 replaces it). One engine step is:
 
 1. ``plan_vad()``: for every stream with whole 512-sample frames not yet seen by the VAD (at most
-   ``max_vad_frames_per_step`` each) or with a marker that is now due, a ``VadWork`` item;
+   ``max_vad_frames_per_step`` each, and no further than ``max_vad_lead_samples`` past the end of the stream's
+   decode in flight, so that audio pushed faster than real time still gets partials instead of the VAD reaching
+   the end of every utterance before its partial is back) or with a marker that is now due, a ``VadWork`` item;
 2. ``apply_vad(stream_id, probabilities)``: feed the frames' probabilities to the segmenter, applying each marker
    just before the first frame that reaches past its position (so the result does not depend on how the audio was
    split into pushes); returns the segmentation events (``UtteranceStarted`` is for the client, the others become
@@ -15,7 +17,9 @@ replaces it). One engine step is:
    (a partial the engine calls stale is dropped), grouped by encoder frame count so that every group is one
    batched encoder call. Partials go round-robin: a newer partial replacing a waiting one keeps the waiting one's
    place, so the stream that has waited longest for a partial is served first and no stream starves when there
-   are more speaking streams than ``max_batch_size``;
+   are more speaking streams than ``max_batch_size``. A stream with a decode in flight gets no other until that
+   one completes, so the engine can plan the next batch while earlier ones still run (one batch per decode
+   worker) and every stream's results still arrive in order;
 4. ``complete(item)`` once its text is known: says whether the text is still wanted (a partial is dropped once the
    final of its utterance is queued) and whether the stream has now ended.
 """
@@ -46,6 +50,7 @@ MarkerKind = Literal["finalize", "end"]
 WindowSizer = Callable[[int, DecodeKind], int]  # (samples of audio, kind) -> encoder frames of its window
 TokenLimiter = Callable[[int], int]  # samples of audio -> max new tokens
 DEFAULT_MAX_VAD_FRAMES_PER_STEP: Final = 157  # about 5 s of audio per stream per step
+DEFAULT_MAX_VAD_LEAD_SAMPLES: Final = 32_000  # 2 s: a live stream's decodes rarely take longer than that
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,8 @@ class _StreamSchedule:
     finals: deque[DecodeItem] = field(default_factory=deque)  # waiting, not yet handed out
     partial: DecodeItem | None = None  # the newest waiting partial
     finals_in_flight: dict[int, int] = field(default_factory=dict)  # utterance -> end sample
+    in_flight: int = 0  # decodes handed out and not yet completed (0 or 1)
+    in_flight_end: int = 0  # the end sample of the decode in flight
     finalized_utterances: int = 0  # utterances below this index have a final queued (their partials are stale)
     ended_reported: bool = False
 
@@ -117,16 +124,18 @@ class SpeechScheduler:
         *,
         max_batch_size: int = 16,
         max_vad_frames_per_step: int = DEFAULT_MAX_VAD_FRAMES_PER_STEP,
+        max_vad_lead_samples: int = DEFAULT_MAX_VAD_LEAD_SAMPLES,
     ) -> None:
-        if max_batch_size < 1 or max_vad_frames_per_step < 1:
+        if max_batch_size < 1 or max_vad_frames_per_step < 1 or max_vad_lead_samples < 0:
             raise ValueError(
-                f"expected max_batch_size >= 1 and max_vad_frames_per_step >= 1, "
-                f"got {max_batch_size} and {max_vad_frames_per_step}"
+                f"expected max_batch_size >= 1, max_vad_frames_per_step >= 1 and max_vad_lead_samples >= 0, "
+                f"got {max_batch_size}, {max_vad_frames_per_step} and {max_vad_lead_samples}"
             )
         self._window_frames = window_frames
         self._token_limit = token_limit
         self.max_batch_size = max_batch_size
         self.max_vad_frames_per_step = max_vad_frames_per_step
+        self.max_vad_lead_samples = max_vad_lead_samples
         self._streams: dict[str, _StreamSchedule] = {}
         self._order = itertools.count()
 
@@ -205,6 +214,9 @@ class SpeechScheduler:
             frame = segmenter.config.frame_samples
             available = (stream.pushed - segmenter.position) // frame
             n_frames = min(available, self.max_vad_frames_per_step)
+            if stream.in_flight:  # audio pushed faster than real time: keep the VAD close to the decodes
+                lead = stream.in_flight_end + self.max_vad_lead_samples - segmenter.position
+                n_frames = min(n_frames, max(0, lead // frame))
             marker_due = bool(stream.markers) and stream.markers[0].position < segmenter.position + frame
             if n_frames > 0 or marker_due:
                 plan.append(VadWork(stream_id, segmenter.position, n_frames))
@@ -286,24 +298,24 @@ class SpeechScheduler:
     def plan_decodes(self, is_stale: Callable[[DecodeItem], bool] | None = None) -> list[DecodeGroup]:
         """Hand out up to ``max_batch_size`` waiting decodes, finals first, grouped by window frame count.
 
-        A waiting partial for which ``is_stale`` says True is dropped instead (load shedding: a late partial is
-        worth less than the compute it takes from finals and from fresher partials).
+        At most one decode per stream, and none for a stream whose previous decode is still in flight. A waiting
+        partial for which ``is_stale`` says True is dropped instead (load shedding: a late partial is worth less
+        than the compute it takes from finals and from fresher partials).
         """
-        finals = sorted(
-            (item for stream in self._streams.values() for item in stream.finals), key=lambda item: item.order
-        )
-        partials: list[DecodeItem] = []
-        for stream in self._streams.values():
+        ready = [stream for stream in self._streams.values() if stream.in_flight == 0]
+        for stream in ready:
             if stream.partial is not None and is_stale is not None and is_stale(stream.partial):
                 stream.partial = None
-            if stream.partial is not None:
-                partials.append(stream.partial)
-        partials.sort(key=lambda item: item.order)
-        chosen = (finals + partials)[: self.max_batch_size]
+        candidates = [stream.finals[0] if stream.finals else stream.partial for stream in ready]
+        chosen = sorted(
+            (item for item in candidates if item is not None), key=lambda item: (item.kind != "final", item.order)
+        )[: self.max_batch_size]
         for item in chosen:
             stream = self._streams[item.stream_id]
+            stream.in_flight += 1
+            stream.in_flight_end = item.end
             if item.kind == "final":
-                stream.finals.remove(item)
+                stream.finals.popleft()
                 stream.finals_in_flight[item.utterance] = item.end
             else:
                 stream.partial = None
@@ -317,6 +329,7 @@ class SpeechScheduler:
         stream = self._streams.get(item.stream_id)
         if stream is None:
             return Completion(deliver=False, stream_ended=False)
+        stream.in_flight = max(0, stream.in_flight - 1)
         if item.kind == "partial":
             return Completion(deliver=item.utterance >= stream.finalized_utterances, stream_ended=False)
         stream.finals_in_flight.pop(item.utterance, None)
@@ -327,12 +340,20 @@ class SpeechScheduler:
         return [stream_id for stream_id, stream in self._streams.items() if self._take_stream_ended(stream)]
 
     def has_work(self) -> bool:
-        """Whether a step would do anything: VAD frames, a due marker, a waiting decode or an end to report."""
-        if any(stream.finals or stream.partial is not None for stream in self._streams.values()):
-            return True
-        if any(self._is_finished(stream) and not stream.ended_reported for stream in self._streams.values()):
-            return True
-        return bool(self.plan_vad())
+        """Whether a step would do anything: VAD frames, a due marker, a decode ready to hand out or an end to
+        report (a waiting decode of a stream with one in flight does not count: it is not ready yet)."""
+        return self.has_ready_decodes() or self.has_ends_to_report() or bool(self.plan_vad())
+
+    def has_ends_to_report(self) -> bool:
+        """Whether ``take_ended`` would report a stream now."""
+        return any(self._is_finished(stream) and not stream.ended_reported for stream in self._streams.values())
+
+    def has_ready_decodes(self) -> bool:
+        """Whether ``plan_decodes`` would hand out a decode now (staleness aside)."""
+        return any(
+            stream.in_flight == 0 and (stream.finals or stream.partial is not None)
+            for stream in self._streams.values()
+        )
 
     @staticmethod
     def _is_finished(stream: _StreamSchedule) -> bool:

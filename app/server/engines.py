@@ -89,6 +89,7 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
         max_utterance_s=settings.max_utterance_s,
         intra_op_threads=settings.speech_threads,
         decode_workers=settings.speech_workers,
+        max_batch_size=settings.speech_batch_size,
     )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
     engine = SpeechEngine(whisper, vad, engine_settings, observer)
