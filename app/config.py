@@ -31,7 +31,7 @@ class Settings:
     max_frame_bytes: int = 1 << 20  # largest WebSocket frame accepted (1 MiB); larger closes with 1009
     idle_timeout_s: float = 60.0  # a socket that sends nothing for this long is closed (keepalive resets it)
     max_utterance_s: float = 25.0  # a final is forced when one utterance reaches this length
-    speech_threads: int = 1  # onnxruntime intra-op threads of each speech engine
+    speech_threads: int = 2  # onnxruntime intra-op threads of each speech engine
     speech_workers: int = 2  # batches each speech engine transcribes at once, on their own threads
     speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine

@@ -186,23 +186,33 @@ def test_partials_go_round_robin_when_streams_outnumber_the_batch() -> None:
 
 
 def test_a_stream_gets_no_decode_while_one_of_its_decodes_is_in_flight() -> None:
-    """Batches overlap (one per decode worker), but each stream's results must come back in order."""
+    """Batches overlap (one per decode worker), but each stream's results must come back in order. Only a final
+    may pass a partial still in flight: that partial's result will be dropped anyway."""
     scheduler = make_scheduler()
     for name in "ab":
         scheduler.add_stream(name, TOY)
-        scheduler.push(name, 2000)
+        scheduler.push(name, 3000)
     scheduler.apply_vad("a", [S] * 4)
-    [first] = scheduler.plan_decodes()
-    [a_partial] = first.items
-    scheduler.apply_vad("a", [S] * 4 + [Q] * 5)  # a: a newer partial, then its final, while a_partial runs
     scheduler.apply_vad("b", [S] * 4)
-    assert scheduler.has_ready_decodes()
+    [first] = scheduler.plan_decodes()
+    a_partial, b_partial = sorted(first.items, key=lambda item: item.stream_id)
+    scheduler.apply_vad("b", [S] * 4)  # a newer partial for b while its first one runs
+    assert not scheduler.has_ready_decodes() and scheduler.plan_decodes() == []
+    scheduler.complete(b_partial)
     [second] = scheduler.plan_decodes()
-    assert [item.stream_id for item in second.items] == ["b"]
-    assert not scheduler.has_ready_decodes() and scheduler.plan_decodes() == []  # a waits, b is in flight
-    assert scheduler.complete(a_partial).deliver is False  # a's final is queued: the partial is stale
+    [b_newer] = second.items
+    assert (b_newer.stream_id, b_newer.end) == ("b", 800)
+    scheduler.apply_vad("a", [S] * 4 + [Q] * 5)  # a: its final is due while a_partial still runs
     [third] = scheduler.plan_decodes()
-    assert [(item.stream_id, item.kind) for item in third.items] == [("a", "final")]
+    [a_final] = third.items
+    assert (a_final.stream_id, a_final.kind) == ("a", "final")
+    scheduler.apply_vad("a", [S] * 8)  # a's next utterance: its partial waits for a's final
+    assert scheduler.plan_decodes() == []
+    assert scheduler.complete(a_partial).deliver is False  # its utterance is final: the result is dropped
+    assert scheduler.plan_decodes() == []  # the final is still in flight
+    assert scheduler.complete(a_final).deliver is True
+    [fourth] = scheduler.plan_decodes()
+    assert [(item.stream_id, item.kind, item.utterance) for item in fourth.items] == [("a", "partial", 1)]
 
 
 def test_stale_partials_are_dropped_but_finals_never() -> None:

@@ -17,7 +17,8 @@ Shape (the vLLM/sherpa pattern, see /work/shared/STYLE.md section 6):
   loop does not wait for them, so a worker that finishes early takes the next batch at once while the other is
   still busy (continuous batching; until this release a step waited for all of its windows, and a partial due
   meanwhile waited for the slowest window of the step). The scheduler gives a stream no new decode while one of
-  its decodes is in flight, so each stream's results still arrive in order.
+  its decodes is in flight, so each stream's results still arrive in order; only a final may start while a
+  partial of its utterance is still running (that partial's text will be dropped, so the final need not wait).
 - Nothing reaches Whisper without the VAD: silence and noise cost only VAD calls and produce no events.
 
 Windows. Measured on this shared 2-core machine (whisper-tiny-en v1 fp32, the decode guards of

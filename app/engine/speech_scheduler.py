@@ -18,8 +18,9 @@ replaces it). One engine step is:
    batched encoder call. Partials go round-robin: a newer partial replacing a waiting one keeps the waiting one's
    place, so the stream that has waited longest for a partial is served first and no stream starves when there
    are more speaking streams than ``max_batch_size``. A stream with a decode in flight gets no other until that
-   one completes, so the engine can plan the next batch while earlier ones still run (one batch per decode
-   worker) and every stream's results still arrive in order;
+   one completes (except a final passing a partial of its own utterance, whose text will be dropped), so the
+   engine can plan the next batch while earlier ones still run (one batch per decode worker) and every stream's
+   results still arrive in order;
 4. ``complete(item)`` once its text is known: says whether the text is still wanted (a partial is dropped once the
    final of its utterance is queued) and whether the stream has now ended.
 """
@@ -108,8 +109,8 @@ class _StreamSchedule:
     finals: deque[DecodeItem] = field(default_factory=deque)  # waiting, not yet handed out
     partial: DecodeItem | None = None  # the newest waiting partial
     finals_in_flight: dict[int, int] = field(default_factory=dict)  # utterance -> end sample
-    in_flight: int = 0  # decodes handed out and not yet completed (0 or 1)
-    in_flight_end: int = 0  # the end sample of the decode in flight
+    in_flight: int = 0  # decodes handed out and not yet completed
+    in_flight_end: int = 0  # the end sample of the newest decode in flight
     finalized_utterances: int = 0  # utterances below this index have a final queued (their partials are stale)
     ended_reported: bool = False
 
@@ -298,22 +299,22 @@ class SpeechScheduler:
     def plan_decodes(self, is_stale: Callable[[DecodeItem], bool] | None = None) -> list[DecodeGroup]:
         """Hand out up to ``max_batch_size`` waiting decodes, finals first, grouped by window frame count.
 
-        At most one decode per stream, and none for a stream whose previous decode is still in flight. A waiting
-        partial for which ``is_stale`` says True is dropped instead (load shedding: a late partial is worth less
-        than the compute it takes from finals and from fresher partials).
+        At most one decode per stream, and none for a stream whose previous decode is still in flight, except a
+        final while only partials are in flight (their utterance is then final, so their results will be dropped:
+        the final need not wait for them). A waiting partial for which ``is_stale`` says True is dropped instead
+        (load shedding: a late partial is worth less than the compute it takes from finals and fresher partials).
         """
-        ready = [stream for stream in self._streams.values() if stream.in_flight == 0]
-        for stream in ready:
+        for stream in self._streams.values():
             if stream.partial is not None and is_stale is not None and is_stale(stream.partial):
                 stream.partial = None
-        candidates = [stream.finals[0] if stream.finals else stream.partial for stream in ready]
+        candidates = [self._ready_item(stream) for stream in self._streams.values()]
         chosen = sorted(
             (item for item in candidates if item is not None), key=lambda item: (item.kind != "final", item.order)
         )[: self.max_batch_size]
         for item in chosen:
             stream = self._streams[item.stream_id]
             stream.in_flight += 1
-            stream.in_flight_end = item.end
+            stream.in_flight_end = max(stream.in_flight_end, item.end)
             if item.kind == "final":
                 stream.finals.popleft()
                 stream.finals_in_flight[item.utterance] = item.end
@@ -350,10 +351,14 @@ class SpeechScheduler:
 
     def has_ready_decodes(self) -> bool:
         """Whether ``plan_decodes`` would hand out a decode now (staleness aside)."""
-        return any(
-            stream.in_flight == 0 and (stream.finals or stream.partial is not None)
-            for stream in self._streams.values()
-        )
+        return any(self._ready_item(stream) is not None for stream in self._streams.values())
+
+    @staticmethod
+    def _ready_item(stream: _StreamSchedule) -> DecodeItem | None:
+        """The stream's decode to hand out next, if it may start now (see ``plan_decodes``)."""
+        if stream.finals:
+            return stream.finals[0] if not stream.finals_in_flight else None
+        return stream.partial if stream.in_flight == 0 else None
 
     @staticmethod
     def _is_finished(stream: _StreamSchedule) -> bool:
