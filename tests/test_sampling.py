@@ -48,8 +48,13 @@ def sorted_ids(row: npt.NDArray[np.floating]) -> npt.NDArray[np.intp]:
 
 
 def reference_allowed(row: npt.NDArray[np.float32], params: SamplingParams) -> set[int]:
-    """The ids top-k then top-p may keep, computed the slow obvious way."""
-    scaled = row.astype(np.float64) / params.temperature
+    """The ids top-k then top-p may keep, computed the slow obvious way.
+
+    The logits are scaled as the sampler scales them (float32, times the float32 inverse temperature), because
+    values that differ only below float32's resolution (a denormal logit times 0.5 is 0) are ties to the sampler,
+    and a tie at the boundary may go either way.
+    """
+    scaled = (row.astype(np.float32) * np.float32(1.0 / params.temperature)).astype(np.float64)
     order = sorted_ids(scaled)
     if params.top_k > 0:
         order = order[: params.top_k]
@@ -59,7 +64,8 @@ def reference_allowed(row: npt.NDArray[np.float32], params: SamplingParams) -> s
     keep = order.size
     if params.top_p < 1:
         keep = int(np.searchsorted(cumulative, params.top_p * (1 - 1e-9), side="left")) + 1
-    return {int(token_id) for token_id in order[: keep + 1]}  # one extra for float rounding at the boundary
+    floor = scaled[order[: keep + 1]].min()  # one extra for float rounding at the boundary
+    return {int(token_id) for token_id in np.flatnonzero(scaled >= floor)}  # and every tie of the last one
 
 
 # --- SamplingParams ---------------------------------------------------------------------------------------------
