@@ -63,18 +63,19 @@ only same-run comparisons count). ``scripts/bench_speech_windows`` replays every
   decoder steps they cost eat most of the encoder's saving, so the 10 s minimum stays.
 - Partials are served round-robin (a newer partial keeps the waiting one's place in the queue) so that no stream
   starves when more streams speak than ``max_batch_size``.
-- Batches (this release, ``scripts/bench_speech_load``, 16 paced streams on 2 cores, same run): windows decoded by
-  whisper-tiny-en v3 (its vocabulary projection cost 5 of 10 ms per decoded token at batch 1 in v1) in batches
-  that no longer wait for each other. Partial p95 / final p95: step-synchronous batches of 8 (the previous engine)
-  9.1 / 7.6 s; batches of 8 on free workers 5.4-6.2 / 3.9-4.2 s; of 4, 4.5 / 2.7 s; of 2 (the default), 3.6 /
-  1.9 s; of 1, 3.7 / 1.4 s. With v3 a row costs about as much at batch 1 as at batch 16 (3.9 against 3.2 ms per
-  token), so small batches cost little CPU and each window comes back sooner.
-- What bounds the targets: every partial re-encodes its window (at least 10 s, ~90 ms of CPU) and re-decodes the
-  utterance (~3.7 ms per token per row). A partial latency p95 <= 1 s needs a fresh partial every ~0.5 s per
-  stream, so 16 streams would need ~5.8 CPU s per second on a 2-core machine (the encoders alone 2.9); the engine
-  keeps up by shedding partials, which is why partial latency grows with the number of streams. Going further
-  needs encoder work that does not grow with the utterance, which Whisper's bidirectional encoder does not allow
-  exactly.
+- Batches (this release, ``scripts/bench_speech_load``, 16 paced streams on 2 cores, 1 intra-op thread): windows
+  decoded by whisper-tiny-en v3 (its vocabulary projection cost 5 of 10 ms per decoded token at batch 1 in v1) in
+  batches that no longer wait for each other. Partial p95 / final p95: step-synchronous batches of 8 (the
+  previous engine) 9.1 / 7.6 s; batches of 8 on free workers 5.4-6.2 / 3.9-4.2 s; of 4, 4.5 / 2.7 s; of 2 (the
+  default), 3.6 / 1.9 s; of 1, 3.7 / 1.4 s. With v3 a row costs about as much at batch 1 as at batch 16 (3.9
+  against 3.2 ms per token), so small batches cost little CPU and each window comes back sooner.
+- What bounds the targets (``scripts/bench_speech_ceiling``): every partial re-encodes its window (at least 10 s:
+  10.4 GFLOP, 85 ms of CPU, already 85% of onnxruntime's fp32 MatMul speed on this core) and re-decodes the
+  utterance (~25 tokens at 3.2-3.6 ms per row), 0.17 CPU s per window. A partial latency p95 <= 1 s needs a fresh
+  partial every ~0.5 s per stream, so 16 streams would need 5.3 CPU s per second, 2.7x a 2-core machine (2 cores
+  serve at most ~6); the engine keeps up by shedding partials, which is why partial latency grows with the number
+  of streams. Going further needs encoder work that does not grow with the utterance, which Whisper's
+  bidirectional encoder does not allow exactly.
 
 Load shedding: a waiting partial whose newest audio was pushed more than ``max_partial_lag_s`` ago is dropped
 unsent, so an engine that falls behind spends its time on finals and catches up instead of transcribing stale
