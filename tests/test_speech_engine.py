@@ -423,13 +423,15 @@ def test_a_free_worker_takes_the_next_batch_while_another_is_still_running(
 
         consumers = [asyncio.create_task(consume(index)) for index in range(2)]
         pushers = [asyncio.create_task(push(stream)) for stream in streams]
-        for _ in range(600):
-            if max(len(texts) for texts in received) >= 3:
-                break
-            await asyncio.sleep(0.1)
-        stuck = 0 if not received[0] else 1
-        assert not received[stuck] and len(received[1 - stuck]) >= 3, received  # served while the other hangs
-        release.set()
+        try:
+            for _ in range(600):
+                if max(len(texts) for texts in received) >= 3:
+                    break
+                await asyncio.sleep(0.1)
+            stuck = 0 if not received[0] else 1
+            assert not received[stuck] and len(received[1 - stuck]) >= 3, received  # served while the other hangs
+        finally:
+            release.set()  # never leave the worker thread hanging
         await asyncio.gather(*pushers, *consumers)
         for texts in received:
             assert texts and texts[-1].kind == "final", texts

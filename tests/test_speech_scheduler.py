@@ -14,18 +14,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine.speech_scheduler import DecodeItem, DecodeKind, SpeechScheduler
-from app.engine.utterance import FinalDue, PartialDue, SegmentationConfig, SegmentEvent, UtteranceStarted
+from app.engine.utterance import FinalDue, PartialDue, SegmentEvent, UtteranceStarted
+from tests.test_utterance import TOY
 
-FRAME = 100
-TOY = SegmentationConfig(
-    min_speech_samples=300,
-    silence_samples=500,
-    speech_pad_samples=200,
-    partial_interval_samples=400,
-    max_utterance_samples=3000,
-    cut_search_samples=1000,
-    frame_samples=FRAME,
-)
+FRAME = TOY.frame_samples  # the segmenter tests' toy configuration: 100-sample frames, 400-sample partials
 S, Q = 0.9, 0.0
 
 
