@@ -1,0 +1,117 @@
+"""Does an engine keep memory across sessions? Run rounds of sessions in-process and print RSS after each round.
+
+Speech: each round opens 8 streams on one speech engine, pushes 20 s of a test recording into each as fast as
+backpressure allows, ends them and reads every event. Chat: each round runs 8 conversations of 3 turns (32 greedy
+tokens each) on one text engine. After every round: a garbage collection, ``malloc_trim`` (as the server does),
+the process RSS and the bytes Python has allocated (tracemalloc); at the end, the allocation sites that grew most
+since round 3.
+
+    .venv/bin/python -m scripts.probe_engine_memory speech --rounds 12
+    .venv/bin/python -m scripts.probe_engine_memory chat --rounds 14
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ctypes
+import gc
+import tracemalloc
+from collections.abc import Callable
+
+import numpy as np
+import soundfile as sf
+
+from app.convert.sources import cache_dir
+from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings, SpeechStream
+from app.engine.speech_events import StreamEnded, StreamOptions
+from app.engine.text_engine import TextEngine, TextEngineSettings
+from app.paths import default_model_dir
+from app.repository import ModelRepository
+from app.text.sampling import SamplingParams
+from scripts.bench_text_engine import one_session
+from scripts.test_audio import build_test_clips
+
+SAMPLE_RATE_HZ = 16_000
+SESSIONS_PER_ROUND = 8
+CLIPS = ("telephone", "meeting_dev00", "meeting_tst00", "meeting_60s")
+SNAPSHOT_ROUND = 2
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status", encoding="utf-8") as status:
+        for line in status:
+            if line.startswith("VmRSS"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+async def speech_rounds(rounds: int, report: Callable[[int], None]) -> None:
+    paths = build_test_clips(cache_dir() / "test-audio")
+    clips = [sf.read(str(paths[name]), dtype="float32")[0][: 20 * SAMPLE_RATE_HZ] for name in CLIPS]
+    settings = SpeechEngineSettings(max_partial_lag_s=None)
+    engine = SpeechEngine.from_repository(ModelRepository(default_model_dir()), settings=settings)
+    await engine.start()
+
+    async def one(stream: SpeechStream, audio: np.ndarray) -> None:
+        async def push() -> None:
+            for chunk in np.array_split(audio, 100):
+                await stream.push_audio(chunk)
+            stream.end()
+
+        pusher = asyncio.create_task(push())
+        while not isinstance(await stream.next_event(), StreamEnded):
+            pass
+        await pusher
+
+    try:
+        for round_index in range(rounds):
+            streams = [engine.open_stream(StreamOptions()) for _ in range(SESSIONS_PER_ROUND)]
+            await asyncio.gather(*(one(stream, clips[i % len(clips)]) for i, stream in enumerate(streams)))
+            report(round_index)
+    finally:
+        await engine.shutdown()
+
+
+async def chat_rounds(rounds: int, report: Callable[[int], None]) -> None:
+    loaded = ModelRepository(default_model_dir()).load("smollm2-135m-instruct")
+    engine = TextEngine.from_directory(loaded.directory, loaded.manifest.config, TextEngineSettings())
+    params = SamplingParams(temperature=0.0, max_tokens=32)
+    await engine.start()
+    try:
+        for round_index in range(rounds):
+            sessions = range(round_index * SESSIONS_PER_ROUND, (round_index + 1) * SESSIONS_PER_ROUND)
+            await asyncio.gather(*(one_session(engine, index, 3, params, 0.0) for index in sessions))
+            report(round_index)
+    finally:
+        await engine.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("engine", choices=("speech", "chat"))
+    parser.add_argument("--rounds", type=int, default=12)
+    args = parser.parse_args(argv)
+    libc = ctypes.CDLL("libc.so.6")
+    tracemalloc.start(10)
+    snapshots: list[tracemalloc.Snapshot] = []
+
+    def report(round_index: int) -> None:
+        gc.collect()
+        libc.malloc_trim(0)
+        if round_index == SNAPSHOT_ROUND:
+            snapshots.append(tracemalloc.take_snapshot())
+        traced_mb = tracemalloc.get_traced_memory()[0] / 1e6
+        print(f"round {round_index:2d}: RSS {rss_mb():7.1f} MB, Python allocations {traced_mb:6.2f} MB", flush=True)
+
+    rounds = speech_rounds if args.engine == "speech" else chat_rounds
+    asyncio.run(rounds(args.rounds, report))
+    if snapshots:
+        print(f"allocation sites that grew most since round {SNAPSHOT_ROUND}:")
+        for stat in tracemalloc.take_snapshot().compare_to(snapshots[0], "lineno")[:8]:
+            print(f"  {stat}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
