@@ -16,6 +16,7 @@ import argparse
 import asyncio
 import ctypes
 import gc
+import os
 import tracemalloc
 from collections.abc import Callable
 
@@ -29,6 +30,7 @@ from app.engine.text_engine import TextEngine, TextEngineSettings
 from app.paths import default_model_dir
 from app.repository import ModelRepository
 from app.text.sampling import SamplingParams
+from scripts.bench_common import rss_bytes
 from scripts.bench_text_engine import one_session
 from scripts.test_audio import build_test_clips
 
@@ -36,14 +38,6 @@ SAMPLE_RATE_HZ = 16_000
 SESSIONS_PER_ROUND = 8
 CLIPS = ("telephone", "meeting_dev00", "meeting_tst00", "meeting_60s")
 SNAPSHOT_ROUND = 2
-
-
-def rss_mb() -> float:
-    with open("/proc/self/status", encoding="utf-8") as status:
-        for line in status:
-            if line.startswith("VmRSS"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
 
 
 async def speech_rounds(rounds: int, report: Callable[[int], None]) -> None:
@@ -102,7 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         if round_index == SNAPSHOT_ROUND:
             snapshots.append(tracemalloc.take_snapshot())
         traced_mb = tracemalloc.get_traced_memory()[0] / 1e6
-        print(f"round {round_index:2d}: RSS {rss_mb():7.1f} MB, Python allocations {traced_mb:6.2f} MB", flush=True)
+        rss_mb = rss_bytes(os.getpid(), with_children=False) / 2**20
+        print(f"round {round_index:2d}: RSS {rss_mb:7.1f} MB, Python allocations {traced_mb:6.2f} MB", flush=True)
 
     rounds = speech_rounds if args.engine == "speech" else chat_rounds
     asyncio.run(rounds(args.rounds, report))

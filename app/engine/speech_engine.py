@@ -67,8 +67,9 @@ only same-run comparisons count). ``scripts/bench_speech_windows`` replays every
   decoded by whisper-tiny-en v3 (its vocabulary projection cost 5 of 10 ms per decoded token at batch 1 in v1) in
   batches that no longer wait for each other. Partial p95 / final p95: step-synchronous batches of 8 (the
   previous engine) 9.1 / 7.6 s; batches of 8 on free workers 5.4-6.2 / 3.9-4.2 s; of 4, 4.5 / 2.7 s; of 2 (the
-  default), 3.6 / 1.9 s; of 1, 3.7 / 1.4 s. With v3 a row costs about as much at batch 1 as at batch 16 (3.9
-  against 3.2 ms per token), so small batches cost little CPU and each window comes back sooner.
+  default), 3.6 / 1.9 s; of 1, 3.7 / 1.4 s. With v3 a row costs about as much at batch 1 as at batch 2 (3.2
+  against 3.6 ms per token, ``scripts/bench_speech_ceiling``), so small batches cost little CPU and each window
+  comes back sooner.
 - What bounds the targets (``scripts/bench_speech_ceiling``): every partial re-encodes its window (at least 10 s:
   10.4 GFLOP, 85 ms of CPU, already 85% of onnxruntime's fp32 MatMul speed on this core) and re-decodes the
   utterance (~25 tokens at 3.2-3.6 ms per row), 0.17 CPU s per window. A partial latency p95 <= 1 s needs a fresh
