@@ -176,13 +176,21 @@ def brook_server(name: str = "brook", **settings: str) -> Iterator[ServerProcess
 
 @contextlib.contextmanager
 def brook_server_with(
-    name: str, settings: Mapping[str, str], *, log_dir: Path = LOG_DIR, timeout_s: float = READY_TIMEOUT_S
+    name: str,
+    settings: Mapping[str, str],
+    *,
+    log_dir: Path = LOG_DIR,
+    timeout_s: float = READY_TIMEOUT_S,
+    launcher: Sequence[str] = ("app.cli",),
 ) -> Iterator[ServerProcess]:
-    """``brook_server`` with its log folder and readiness timeout chosen: ready once ``/readyz`` answers 200."""
+    """``brook_server`` with its log folder and readiness timeout chosen: ready once ``/readyz`` answers 200.
+
+    ``launcher``: the module run with ``python -m`` and its arguments before ``serve --no-fetch`` (a wrapper such as
+    ``scripts.probe_server_memory`` passes the rest on to ``app.cli``)."""
     port = free_port()
     env = {f"BROOK_{key.upper()}": value for key, value in settings.items()}
     env["BROOK_PORT"] = str(port)
-    command = [sys.executable, "-m", "app.cli", "serve", "--no-fetch"]
+    command = [sys.executable, "-m", *launcher, "serve", "--no-fetch"]
     with process_server(
         name, command, port, ready_path="/readyz", env=env, timeout_s=timeout_s, log_dir=log_dir
     ) as server:

@@ -2,7 +2,7 @@
 
     .venv/bin/python -m scripts.bench_mixed [--speech 8] [--chat 8] [--minutes 10] [--sample-s 5] [--idle-s 10]
         [--max-tokens 64] [--think-s 0.5] [--turns 6] [--label default] [--json docs/bench/mixed.json]
-        [--server-env KEY=VALUE ...]
+        [--server-env KEY=VALUE ...] [--probe-memory DIR [--probe-option=--no-arena ...]]
 
     quick mixed run:  .venv/bin/python -m scripts.bench_mixed --speech 4 --chat 4 --minutes 1
     memory run:       .venv/bin/python -m scripts.bench_mixed --speech 8 --chat 8 --minutes 10
@@ -30,7 +30,12 @@ Every ``--sample-s`` it samples the server's RSS (with children), its CPU use (c
 - chat: TTFT p50/p95 (``chat`` sent -> first token), per-reply decode tokens/s (after the first token) p50, and
   aggregate tokens/s, cached-token share;
 - RSS idle (before load), at the end of the load and after the load settles, growth % from idle and over the load
-  phase itself (from the first sample after the warm-up minute, or 10 % of the run, to the end).
+  phase itself (from the first sample after the warm-up minute, or 10 % of the run, to the end); the median RSS of
+  every 2 minutes after the warm-up and the growth from the first such median to the last (the server trims its
+  heap every 30 s, so single samples swing by about ±60 MB).
+
+``--probe-memory DIR`` runs the server under ``scripts/probe_server_memory.py`` (tracemalloc and a report every
+minute in DIR: where the memory is and which allocation sites grow); its latencies are then not comparable.
 
 The summary and a time series (for ``scripts/plot_benchmarks.py``) are merged into the JSON under ``runs[label]``.
 """
@@ -62,7 +67,7 @@ from app.convert.sources import cache_dir
 from scripts.bench_common import (
     DOCS_BENCH_DIR,
     ServerProcess,
-    brook_server,
+    brook_server_with,
     cpu_seconds,
     machine_facts,
     percentile,
@@ -74,6 +79,7 @@ logger = logging.getLogger("bench_mixed")
 
 SAMPLE_RATE_HZ = 16_000
 CHUNK_S = 0.1
+RSS_WINDOW_S = 120.0  # RSS medians per this many seconds of load
 CLIP_NAMES = ("telephone", "meeting_dev00", "meeting_tst00", "meeting_60s", "bench_45s")
 STAGGER_S = 0.37  # speech stream i starts i * STAGGER_S s after the first; chat sessions likewise
 VAD_SILENCE_S = 0.5  # the /v1/listen default
@@ -439,6 +445,7 @@ def summarise(
     rss_end = load_points[-1]["rss_mb"] if load_points else None
     rss_after = after_points[-1]["rss_mb"] if after_points else None
     rss_peak = max((p["rss_mb"] for p in load_points), default=None)
+    rss_windows = window_medians(warm_points, RSS_WINDOW_S)
 
     def pct(values: list[float], q: float, scale: float = 1000.0) -> float | None:
         value = percentile(values, q)
@@ -490,6 +497,9 @@ def summarise(
             "growth_from_idle_pct": _growth(rss_idle, rss_end),
             "growth_during_load_pct": _growth(rss_warm, rss_end),
             "warm_after_s": warm_after_s,
+            "window_s": RSS_WINDOW_S,
+            "window_medians": rss_windows,
+            "growth_of_medians_pct": _growth(rss_windows[0], rss_windows[-1]) if len(rss_windows) > 1 else None,
         },
         "cpu": {
             "server_cores_mean": round(server_cpu / load_s, 3) if load_s > 0 else None,
@@ -505,6 +515,20 @@ def summarise(
         "event_loop_lag_s": _rounded(results.lag_s, 5),
     }
     return {"summary": summary, "series": results.series, "raw": raw}
+
+
+def window_medians(points: list[dict[str, Any]], window_s: float) -> list[float]:
+    """Median RSS of each whole ``window_s`` of ``points`` (from the first point on): the heap trim every 30 s makes
+    single samples swing by ±60 MB, medians show the trend."""
+    if not points:
+        return []
+    start = points[0]["t_s"]
+    windows: dict[int, list[float]] = {}
+    for point in points:
+        windows.setdefault(int((point["t_s"] - start) // window_s), []).append(point["rss_mb"])
+    last_whole = int((points[-1]["t_s"] - start) // window_s) - 1  # the last window is cut short
+    medians = [round(float(np.median(windows[i])), 1) for i in sorted(windows) if i <= max(0, last_whole)]
+    return medians
 
 
 def _growth(before: float | None, after: float | None) -> float | None:
@@ -541,6 +565,8 @@ def print_table(label: str, summary: dict[str, Any]) -> None:
             f"{rss['idle']} / {rss['warm']} / {rss['end_of_load']} / {rss['after']}",
         ),
         ("RSS growth from idle / during load (%)", f"{rss['growth_from_idle_pct']} / {rss['growth_during_load_pct']}"),
+        (f"RSS medians per {RSS_WINDOW_S:.0f} s (MB)", " ".join(f"{m:.0f}" for m in rss["window_medians"])),
+        ("RSS growth of those medians (%)", f"{rss['growth_of_medians_pct']}"),
         ("server CPU cores (mean)", f"{summary['cpu']['server_cores_mean']}"),
     ]
     if summary["cpu"]["load_seconds"] == 0:  # --minutes 0: idle memory only
@@ -584,6 +610,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="KEY=VALUE",
         help="extra BROOK_ setting for the server, without the prefix (repeatable)",
     )
+    parser.add_argument(
+        "--probe-memory", type=Path, metavar="DIR", help="run the server under scripts.probe_server_memory"
+    )
+    parser.add_argument(
+        "--probe-option", action="append", default=[], help="option for scripts.probe_server_memory (repeatable)"
+    )
     return parser.parse_args(argv)
 
 
@@ -593,8 +625,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     settings = dict(item.split("=", 1) for item in args.server_env)
     settings = {key.lower().removeprefix("brook_"): value for key, value in settings.items()}
     clips = load_clips()
-    config = {**{k: v for k, v in vars(args).items() if k not in {"json", "server_env"}}, "server_env": settings}
-    with brook_server("brook-mixed", **settings) as server:
+    skipped = {"json", "server_env", "probe_memory", "probe_option"}
+    config = {**{k: v for k, v in vars(args).items() if k not in skipped}, "server_env": settings}
+    launcher: tuple[str, ...] = ("app.cli",)
+    if args.probe_memory is not None:
+        launcher = ("scripts.probe_server_memory", "--report-dir", str(args.probe_memory), *args.probe_option, "--")
+        config["probe_memory"] = args.probe_option or True
+    with brook_server_with("brook-mixed", settings, launcher=launcher) as server:
         result = asyncio.run(run(server, args, clips))
     print_table(args.label, result["summary"])
     merge_json(args.json, args.label, result, config)

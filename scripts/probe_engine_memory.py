@@ -67,15 +67,14 @@ async def speech_rounds(rounds: int, report: Callable[[int], None]) -> None:
         await engine.shutdown()
 
 
-async def chat_rounds(rounds: int, report: Callable[[int], None]) -> None:
+async def chat_rounds(rounds: int, report: Callable[[int], None], params: SamplingParams, turns: int) -> None:
     loaded = ModelRepository(default_model_dir()).load("smollm2-135m-instruct")
     engine = TextEngine.from_directory(loaded.directory, loaded.manifest.config, TextEngineSettings())
-    params = SamplingParams(temperature=0.0, max_tokens=32)
     await engine.start()
     try:
         for round_index in range(rounds):
             sessions = range(round_index * SESSIONS_PER_ROUND, (round_index + 1) * SESSIONS_PER_ROUND)
-            await asyncio.gather(*(one_session(engine, index, 3, params, 0.0) for index in sessions))
+            await asyncio.gather(*(one_session(engine, index, turns, params, 0.0) for index in sessions))
             report(round_index)
     finally:
         await engine.shutdown()
@@ -85,6 +84,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("engine", choices=("speech", "chat"))
     parser.add_argument("--rounds", type=int, default=12)
+    parser.add_argument("--turns", type=int, default=3, help="chat: turns per conversation")
+    parser.add_argument("--max-tokens", type=int, default=32, help="chat: tokens per reply")
+    parser.add_argument("--temperature", type=float, default=0.0, help="chat: 0 = greedy, else fresh seeds")
     args = parser.parse_args(argv)
     libc = ctypes.CDLL("libc.so.6")
     tracemalloc.start(10)
@@ -99,8 +101,11 @@ def main(argv: list[str] | None = None) -> int:
         rss_mb = rss_bytes(os.getpid(), with_children=False) / 2**20
         print(f"round {round_index:2d}: RSS {rss_mb:7.1f} MB, Python allocations {traced_mb:6.2f} MB", flush=True)
 
-    rounds = speech_rounds if args.engine == "speech" else chat_rounds
-    asyncio.run(rounds(args.rounds, report))
+    if args.engine == "speech":
+        asyncio.run(speech_rounds(args.rounds, report))
+    else:
+        params = SamplingParams(temperature=args.temperature, max_tokens=args.max_tokens)
+        asyncio.run(chat_rounds(args.rounds, report, params, args.turns))
     if snapshots:
         print(f"allocation sites that grew most since round {SNAPSHOT_ROUND}:")
         for stat in tracemalloc.take_snapshot().compare_to(snapshots[0], "lineno")[:8]:

@@ -6,7 +6,14 @@ import argparse
 
 import pytest
 
-from scripts.bench_mixed import Results, SentClock, histogram_means, record_speech_event, summarise
+from scripts.bench_mixed import (
+    Results,
+    SentClock,
+    histogram_means,
+    record_speech_event,
+    summarise,
+    window_medians,
+)
 
 
 def clock_of(chunks: int, started: float = 100.0) -> SentClock:
@@ -73,3 +80,14 @@ def test_summary_growth_and_idle_only_runs() -> None:
     assert summary["event_loop_lag_ms"]["max"] == 500.0 and summary["cpu"]["server_cores_mean"] == 0.5
     idle = summarise(Results(), argparse.Namespace(speech=0, chat=0, minutes=0.0), [520.0], 0.0, 0.0, 0.0)
     assert idle["summary"]["rss_mb"]["idle"] == 520.0 and idle["summary"]["rss_mb"]["growth_from_idle_pct"] is None
+
+
+def test_rss_window_medians_ignore_the_sawtooth_and_the_cut_short_window() -> None:
+    def rss(t: int) -> float:  # 800 MB, then 820 MB after 2 minutes, 900 in the last 10 s; a heap trim every 30 s
+        level = 800.0 if t < 120 else 820.0 if t < 240 else 900.0
+        return level - (60.0 if t % 30 == 0 else 0.0)
+
+    points = [{"t_s": 100.0 + t, "rss_mb": rss(t)} for t in range(0, 250, 5)]
+    assert window_medians(points, 120.0) == [800.0, 820.0]  # the last window, [240, 250), is cut short: left out
+    assert window_medians([], 120.0) == []
+    assert window_medians(points[:3], 120.0) == [800.0]  # a run shorter than one window keeps its one median

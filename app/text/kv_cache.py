@@ -13,10 +13,13 @@ so nothing is copied or concatenated in Python between steps.
 Memory: each buffer is an anonymous ``mmap`` (zero-filled, mapped lazily by the kernel) advised against transparent
 huge pages, so a slot only makes resident the 4 KiB pages its tokens have touched (16 tokens of one head at head_dim
 64). numpy's own large allocations ask for huge pages, and with 2 MiB pages the first token of every slot would make
-most of the buffer resident. Truncating a slot only changes its length. Freeing a slot also hands its pages back to
-the kernel (``MADV_DONTNEED``; they read as zeros when touched again), so a server whose long conversations have
-ended does not keep their KV memory resident (before: every slot kept the pages of the longest conversation it ever
-held, 46 KB per token for SmolLM2, up to 1.5 GB with 16 full slots).
+most of the buffer resident. Freeing a slot hands its pages back to the kernel (``MADV_DONTNEED``; they read as zeros
+when touched again), so a server whose long conversations have ended does not keep their KV memory resident (before:
+every slot kept the pages of the longest conversation it ever held, 46 KB per token for SmolLM2, up to 1.5 GB with
+16 full slots). Truncating a slot hands back the whole pages after its new length in the same way: a chat session
+that resets and starts over keeps its slot (the new prompt reuses the cached system prompt), and without this the
+slot kept the pages of its longest conversation (measured in the mixed load: RSS crept ~5 MB/min, and 8 slots held
+pages for 300-440 tokens each while caching 40-400).
 """
 
 from __future__ import annotations
@@ -119,12 +122,24 @@ class KVCache:
 
     def _release_pages(self, slot: int) -> None:
         """``MADV_DONTNEED`` the whole pages inside slot ``slot``'s row of every buffer (zero-filled on next use)."""
+        row_start = slot * self._slot_bytes
+        self._release_range(row_start, row_start + self._slot_bytes)
+
+    def _release_positions_from(self, slot: int, position: int) -> None:
+        """``MADV_DONTNEED`` the whole pages holding positions ``position..`` of every head of the slot's rows."""
+        position_bytes = self.layout.head_dim * np.dtype(KV_DTYPE).itemsize
+        head_bytes = self.layout.buffer_tokens * position_bytes
+        for head in range(self.layout.n_kv_heads):
+            head_start = slot * self._slot_bytes + head * head_bytes
+            self._release_range(head_start + position * position_bytes, head_start + head_bytes)
+
+    def _release_range(self, start_byte: int, end_byte: int) -> None:
+        """``MADV_DONTNEED`` the whole pages inside ``[start_byte, end_byte)`` of every buffer."""
         if not hasattr(mmap, "MADV_DONTNEED"):
             return
         page = mmap.PAGESIZE
-        row_start = slot * self._slot_bytes
-        start = -(-row_start // page) * page  # first page boundary inside the row
-        end = (row_start + self._slot_bytes) // page * page
+        start = -(-start_byte // page) * page  # first page boundary inside the range
+        end = end_byte // page * page
         if end <= start:
             return
         for region in self._maps:
@@ -136,11 +151,14 @@ class KVCache:
         return int(self._lengths[slot])
 
     def truncate(self, slot: int, length: int) -> None:
-        """Keep only the first ``length`` cached tokens (for reusing a conversation's prefix)."""
+        """Keep only the first ``length`` cached tokens (for reusing a conversation's prefix); the whole pages after
+        them go back to the kernel."""
         current = self.length(slot)
         if not 0 <= length <= current:
             raise ValueError(f"truncate length must be in [0, {current}] for slot {slot}, got {length}")
         self._lengths[slot] = length
+        if length < current:
+            self._release_positions_from(slot, length)
 
     def advance(self, slot: int, n_tokens: int) -> None:
         """Record that ``n_tokens`` more tokens were written into the slot."""
