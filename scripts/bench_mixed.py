@@ -32,7 +32,8 @@ Every ``--sample-s`` it samples the server's RSS (with children), its CPU use (c
 - RSS idle (before load), at the end of the load and after the load settles, growth % from idle and over the load
   phase itself (from the first sample after the warm-up minute, or 10 % of the run, to the end); the median RSS of
   every 2 minutes after the warm-up and the growth from the first such median to the last (the server trims its
-  heap every 30 s, so single samples swing by about ±60 MB).
+  heap every 30 s, so single samples swing by about ±60 MB); the trend, the least-squares slope of RSS over the
+  load phase after the warm-up, in MB per minute and as % of the mean RSS per 10 minutes.
 
 ``--probe-memory DIR`` runs the server under ``scripts/probe_server_memory.py`` (tracemalloc and a report every
 minute in DIR: where the memory is and which allocation sites grow); its latencies are then not comparable.
@@ -446,6 +447,8 @@ def summarise(
     rss_after = after_points[-1]["rss_mb"] if after_points else None
     rss_peak = max((p["rss_mb"] for p in load_points), default=None)
     rss_windows = window_medians(warm_points, RSS_WINDOW_S)
+    trend = rss_trend_mb_per_min(warm_points)
+    warm_mean = float(np.mean([p["rss_mb"] for p in warm_points])) if warm_points else None
 
     def pct(values: list[float], q: float, scale: float = 1000.0) -> float | None:
         value = percentile(values, q)
@@ -500,6 +503,8 @@ def summarise(
             "window_s": RSS_WINDOW_S,
             "window_medians": rss_windows,
             "growth_of_medians_pct": _growth(rss_windows[0], rss_windows[-1]) if len(rss_windows) > 1 else None,
+            "trend_mb_per_min": None if trend is None else round(trend, 2),
+            "trend_pct_per_10min": None if trend is None or not warm_mean else round(1000.0 * trend / warm_mean, 2),
         },
         "cpu": {
             "server_cores_mean": round(server_cpu / load_s, 3) if load_s > 0 else None,
@@ -529,6 +534,14 @@ def window_medians(points: list[dict[str, Any]], window_s: float) -> list[float]
     last_whole = int((points[-1]["t_s"] - start) // window_s) - 1  # the last window is cut short
     medians = [round(float(np.median(windows[i])), 1) for i in sorted(windows) if i <= max(0, last_whole)]
     return medians
+
+
+def rss_trend_mb_per_min(points: list[dict[str, Any]]) -> float | None:
+    """Least-squares slope of RSS over time: the creep under the sawtooth of the heap trims (None: < 2 points)."""
+    if len(points) < 2:
+        return None
+    minutes = np.array([p["t_s"] for p in points]) / 60.0
+    return float(np.polyfit(minutes, np.array([p["rss_mb"] for p in points]), 1)[0])
 
 
 def _growth(before: float | None, after: float | None) -> float | None:
@@ -567,6 +580,7 @@ def print_table(label: str, summary: dict[str, Any]) -> None:
         ("RSS growth from idle / during load (%)", f"{rss['growth_from_idle_pct']} / {rss['growth_during_load_pct']}"),
         (f"RSS medians per {RSS_WINDOW_S:.0f} s (MB)", " ".join(f"{m:.0f}" for m in rss["window_medians"])),
         ("RSS growth of those medians (%)", f"{rss['growth_of_medians_pct']}"),
+        ("RSS trend (MB/min; % per 10 min)", f"{rss['trend_mb_per_min']}; {rss['trend_pct_per_10min']}"),
         ("server CPU cores (mean)", f"{summary['cpu']['server_cores_mean']}"),
     ]
     if summary["cpu"]["load_seconds"] == 0:  # --minutes 0: idle memory only

@@ -11,6 +11,7 @@ from scripts.bench_mixed import (
     SentClock,
     histogram_means,
     record_speech_event,
+    rss_trend_mb_per_min,
     summarise,
     window_medians,
 )
@@ -91,3 +92,10 @@ def test_rss_window_medians_ignore_the_sawtooth_and_the_cut_short_window() -> No
     assert window_medians(points, 120.0) == [800.0, 820.0]  # the last window, [240, 250), is cut short: left out
     assert window_medians([], 120.0) == []
     assert window_medians(points[:3], 120.0) == [800.0]  # a run shorter than one window keeps its one median
+
+
+def test_rss_trend_is_the_slope_under_the_sawtooth() -> None:
+    points = [{"t_s": float(t), "rss_mb": 800.0 + 2.0 * t / 60 - (60.0 if t % 30 == 0 else 0.0)} for t in range(600)]
+    trend = rss_trend_mb_per_min(points)
+    assert trend is not None and abs(trend - 2.0) < 0.1  # a dip at t = 0 tilts the fit a little
+    assert rss_trend_mb_per_min(points[:1]) is None
