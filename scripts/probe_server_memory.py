@@ -44,8 +44,6 @@ SMAPS_HEADER = re.compile(r"^[0-9a-f]+-[0-9a-f]+ ")
 TOP_SITES = 25
 TOP_TYPES = 12
 PAGE = mmap.PAGESIZE
-
-
 ARENA_WINDOW = 64 * 2**20  # glibc's per-thread heaps: mappings of at most 64 MiB that start 64 MiB-aligned
 
 
@@ -112,7 +110,8 @@ def kv_slot_report(cache: Any) -> list[list[int]]:
                 row = buffer[slot]
                 pages += resident_pages(int(row.ctypes.data), int(row.ctypes.data) + int(row.nbytes), pagemap)
             tokens = pages * PAGE // cache.layout.bytes_per_token
-            rows.append([int(cache._allocated[slot]), int(cache._lengths[slot]), tokens])
+            allocated = cache.is_allocated(slot)
+            rows.append([int(allocated), cache.length(slot) if allocated else 0, tokens])
     return rows
 
 

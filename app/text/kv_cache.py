@@ -164,6 +164,9 @@ class KVCache:
         """Record that ``n_tokens`` more tokens were written into the slot."""
         self._lengths[slot] += n_tokens
 
+    def is_allocated(self, slot: int) -> bool:
+        return bool(self._allocated[slot])
+
     def check_allocated(self, slot: int) -> None:
         if not 0 <= slot < self.layout.max_batch_size:
             raise SlotError(f"slot must be in [0, {self.layout.max_batch_size}), got {slot}")
