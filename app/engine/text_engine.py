@@ -249,7 +249,11 @@ class TextEngine:
         self._apply_pending_between_steps()
 
     def reset(self, conversation: Conversation) -> None:
-        """Forget the history and free the KV slot; a running generation is cancelled and its reply discarded."""
+        """Forget the history and free the KV slot; a running generation is cancelled and its reply discarded.
+
+        While a step is in flight the slot is freed right after it, unless the next turn arrives first: then the
+        conversation keeps its slot and the new prompt reuses the cached prefix they share (the chat template's
+        system prompt); the cache truncates to it and gives back the rest."""
         if conversation.closed:
             raise RuntimeError(f"conversation {conversation.id} is closed")
         self._cancel_active(conversation)
