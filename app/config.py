@@ -42,6 +42,7 @@ class Settings:
     pinned_load_timeout_s: float = 120.0  # how long a session pinning a not-loaded version waits for it to load
     version_policy: str = "weighted"  # versions loaded at start: "weighted" (default + A/B weight > 0) or "all"
     memory_trim_interval_s: float = 30.0  # return freed heap memory to the OS this often (glibc; 0 = never)
+    malloc_mmap_threshold_kb: int = 1024  # C allocations this large get their own mmap (glibc; 0 = adaptive)
 
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         known = {f.name for f in fields(self)}

@@ -16,9 +16,9 @@ from app.config import Settings
 from app.errors import BrookError
 from app.repository import ModelRepository
 from app.server import http_api, kserve_api, openai_api
-from app.server.engines import release_free_memory_every
 from app.server.loop_monitor import EventLoopMonitor, event_loop_endpoint
 from app.server.metrics import Metrics
+from app.server.native_heap import release_free_memory_every, set_mmap_threshold
 from app.server.openai_realtime import realtime_endpoint
 from app.server.registry import ModelRegistry
 from app.server.state import ServerState
@@ -57,6 +57,8 @@ def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if settings.malloc_mmap_threshold_kb > 0 and not set_mmap_threshold(settings.malloc_mmap_threshold_kb * 1024):
+            logger.warning("the C library refused BROOK_MALLOC_MMAP_THRESHOLD_KB (not glibc?); using its default")
         if state.loop_monitor is not None:
             state.loop_monitor.start()
         loader = asyncio.create_task(_load_models(state), name="brook-load-models")

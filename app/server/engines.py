@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-import ctypes
-import ctypes.util
 import logging
-import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -27,40 +22,6 @@ class Engine(Protocol):
 class BuiltEngine:
     engine: Any  # SpeechEngine | TextEngine | None (VAD models are used by speech engines, not served alone)
     info: dict[str, Any]  # task-specific facts for `ready` messages and /v1/models (e.g. context_length)
-
-
-def release_free_memory() -> None:
-    """Give heap memory that is free but still mapped back to the OS (glibc ``malloc_trim``; a no-op elsewhere).
-
-    onnxruntime parses each model file into a protobuf and copies the weights out of it; glibc keeps the freed
-    protobuf pages in its heap, where they count as resident memory. Measured: SmolLM2 v1 +250 MB without, +200 MB
-    with the trim. While serving, freed numpy temporaries and socket buffers stay mapped the same way.
-    """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
-
-
-def _malloc_trim() -> Callable[[int], int] | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        trim = ctypes.CDLL(name).malloc_trim
-    except (OSError, AttributeError):  # not glibc
-        return None
-    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
-    function: Callable[[int], int] = trim
-    return function
-
-
-async def release_free_memory_every(interval_s: float) -> None:
-    """`release_free_memory` every ``interval_s`` seconds, off the event loop, until cancelled."""
-    while True:
-        await asyncio.sleep(interval_s)
-        started = time.perf_counter()
-        await asyncio.to_thread(release_free_memory)
-        logger.debug("malloc_trim took %.1f ms", 1000 * (time.perf_counter() - started))
 
 
 def build_engine(loaded: LoadedVersion, repository: ModelRepository, settings: Settings,

@@ -18,8 +18,9 @@ from typing import Any
 from app.config import Settings
 from app.errors import ModelError, UnknownModelError
 from app.repository import ModelRepository, ModelSpec, VersionState
-from app.server.engines import BuiltEngine, build_engine, release_free_memory
+from app.server.engines import BuiltEngine, build_engine
 from app.server.metrics import Metrics
+from app.server.native_heap import release_free_memory
 
 logger = logging.getLogger(__name__)
 
