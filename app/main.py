@@ -18,7 +18,7 @@ from app.repository import ModelRepository
 from app.server import http_api, kserve_api, openai_api
 from app.server.loop_monitor import EventLoopMonitor, event_loop_endpoint
 from app.server.metrics import Metrics
-from app.server.native_heap import release_free_memory_every, set_mmap_threshold
+from app.server.native_heap import MAX_MMAP_THRESHOLD_BYTES, release_free_memory_every, set_mmap_threshold
 from app.server.openai_realtime import realtime_endpoint
 from app.server.registry import ModelRegistry
 from app.server.state import ServerState
@@ -47,7 +47,17 @@ async def _load_models(state: ServerState) -> None:
             logger.info("model %s [%s]: %s", model["name"], model["task"], versions)
 
 
+def _set_mmap_threshold(kib: int) -> None:
+    if kib == 0:
+        return
+    if not 0 < kib * 1024 <= MAX_MMAP_THRESHOLD_BYTES:
+        raise ValueError(f"BROOK_MALLOC_MMAP_THRESHOLD_KB must lie in 0..{MAX_MMAP_THRESHOLD_BYTES // 1024}, got {kib}")
+    if not set_mmap_threshold(kib * 1024):
+        logger.warning("the C library refused BROOK_MALLOC_MMAP_THRESHOLD_KB (not glibc?); using its default")
+
+
 def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> Starlette:
+    _set_mmap_threshold(settings.malloc_mmap_threshold_kb)  # process-wide, before any engine allocates
     metrics = Metrics()
     repository = ModelRepository(settings.model_dir)
     state = ServerState(settings, metrics, registry or ModelRegistry(repository, settings, metrics))
@@ -57,8 +67,6 @@ def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> 
 
     @asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        if settings.malloc_mmap_threshold_kb > 0 and not set_mmap_threshold(settings.malloc_mmap_threshold_kb * 1024):
-            logger.warning("the C library refused BROOK_MALLOC_MMAP_THRESHOLD_KB (not glibc?); using its default")
         if state.loop_monitor is not None:
             state.loop_monitor.start()
         loader = asyncio.create_task(_load_models(state), name="brook-load-models")

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from app.config import Settings
+from app.main import create_app
 from app.server.native_heap import MAX_MMAP_THRESHOLD_BYTES, set_mmap_threshold
 
 # Allocate and free an 8 MiB block twice and report how much RSS the process keeps after the second free. glibc's
@@ -55,3 +57,8 @@ def test_thresholds_out_of_glibc_range_are_refused() -> None:
         set_mmap_threshold(0)
     with pytest.raises(ValueError, match="mmap threshold"):
         set_mmap_threshold(MAX_MMAP_THRESHOLD_BYTES + 1)
+
+
+def test_the_server_refuses_a_threshold_setting_out_of_range() -> None:
+    with pytest.raises(ValueError, match="BROOK_MALLOC_MMAP_THRESHOLD_KB must lie in 0..32768"):
+        create_app(Settings(malloc_mmap_threshold_kb=40_000))
