@@ -50,9 +50,12 @@ async def _load_models(state: ServerState) -> None:
 def _set_mmap_threshold(kib: int) -> None:
     if kib == 0:
         return
-    if not 0 < kib * 1024 <= MAX_MMAP_THRESHOLD_BYTES:
-        raise ValueError(f"BROOK_MALLOC_MMAP_THRESHOLD_KB must lie in 0..{MAX_MMAP_THRESHOLD_BYTES // 1024}, got {kib}")
-    if not set_mmap_threshold(kib * 1024):
+    try:
+        taken = set_mmap_threshold(kib * 1024)
+    except ValueError:
+        limit = MAX_MMAP_THRESHOLD_BYTES // 1024
+        raise ValueError(f"BROOK_MALLOC_MMAP_THRESHOLD_KB must lie in 0..{limit}, got {kib}") from None
+    if not taken:
         logger.warning("the C library refused BROOK_MALLOC_MMAP_THRESHOLD_KB (not glibc?); using its default")
 
 

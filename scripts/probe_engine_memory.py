@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import ctypes
 import gc
 import os
 import tracemalloc
@@ -29,6 +28,7 @@ from app.engine.speech_events import StreamEnded, StreamOptions
 from app.engine.text_engine import TextEngine, TextEngineSettings
 from app.paths import default_model_dir
 from app.repository import ModelRepository
+from app.server.native_heap import release_free_memory
 from app.text.sampling import SamplingParams
 from scripts.bench_common import rss_bytes
 from scripts.bench_text_engine import one_session
@@ -88,13 +88,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=32, help="chat: tokens per reply")
     parser.add_argument("--temperature", type=float, default=0.0, help="chat: 0 = greedy, else fresh seeds")
     args = parser.parse_args(argv)
-    libc = ctypes.CDLL("libc.so.6")
     tracemalloc.start(10)
     snapshots: list[tracemalloc.Snapshot] = []
 
     def report(round_index: int) -> None:
         gc.collect()
-        libc.malloc_trim(0)
+        release_free_memory()
         if round_index == SNAPSHOT_ROUND:
             snapshots.append(tracemalloc.take_snapshot())
         traced_mb = tracemalloc.get_traced_memory()[0] / 1e6

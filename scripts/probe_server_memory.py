@@ -86,15 +86,27 @@ def smaps_split(kv_ranges: Sequence[tuple[int, int]] = (), path: str = "/proc/se
     return {"rss_mb": round(sum(totals.values()) / 1024, 1), **split}
 
 
-def kv_caches() -> list[Any]:
+def live_objects() -> tuple[collections.Counter[str], list[Any]]:
+    """One pass over the objects the garbage collector tracks: the count per type, and the live KV caches."""
     from app.text.kv_cache import KVCache
 
-    return [obj for obj in gc.get_objects() if isinstance(obj, KVCache)]
+    counts: collections.Counter[str] = collections.Counter()
+    caches = []
+    for obj in gc.get_objects():
+        counts[type(obj).__qualname__] += 1
+        if isinstance(obj, KVCache):
+            caches.append(obj)
+    return counts, caches
 
 
-def resident_pages(start: int, end: int, pagemap: Any) -> int:
-    """Pages of ``[start, end)`` in RAM, from ``/proc/self/pagemap`` (bit 63 of each page's entry)."""
-    first, last = start // PAGE, (end - 1) // PAGE
+def resident_pages(array: np.ndarray, pagemap: Any | None = None) -> int:
+    """Pages of ``array``'s memory that are in RAM (bit 63 of each page's entry in ``/proc/self/pagemap``; pass the
+    open file to read many arrays)."""
+    if pagemap is None:
+        with open("/proc/self/pagemap", "rb") as opened:
+            return resident_pages(array, opened)
+    start = int(array.ctypes.data)
+    first, last = start // PAGE, (start + array.nbytes - 1) // PAGE
     pagemap.seek(first * 8)
     entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype="<u8")
     return int(np.count_nonzero(entries >> np.uint64(63)))
@@ -105,28 +117,21 @@ def kv_slot_report(cache: Any) -> list[list[int]]:
     rows = []
     with open("/proc/self/pagemap", "rb") as pagemap:
         for slot in range(cache.layout.max_batch_size):
-            pages = 0
-            for buffer in (*cache.keys, *cache.values):
-                row = buffer[slot]
-                pages += resident_pages(int(row.ctypes.data), int(row.ctypes.data) + int(row.nbytes), pagemap)
+            pages = sum(resident_pages(buffer[slot], pagemap) for buffer in (*cache.keys, *cache.values))
             tokens = pages * PAGE // cache.layout.bytes_per_token
             allocated = cache.is_allocated(slot)
             rows.append([int(allocated), cache.length(slot) if allocated else 0, tokens])
     return rows
 
 
-def kv_cache_ranges() -> list[tuple[int, int]]:
-    """Address ranges ``[start, end)`` of every KV-cache buffer alive in the process, from its first page."""
+def kv_cache_ranges(caches: Sequence[Any]) -> list[tuple[int, int]]:
+    """Address ranges ``[start, end)`` of the caches' buffers, from their first page."""
     ranges = []
-    for cache in kv_caches():
+    for cache in caches:
         for buffer in (*cache.keys, *cache.values):
             start = int(buffer.ctypes.data)
             ranges.append((start - start % PAGE, start + int(buffer.nbytes)))
     return ranges
-
-
-def type_counts() -> collections.Counter[str]:
-    return collections.Counter(type(obj).__qualname__ for obj in gc.get_objects())
 
 
 class MemoryReporter:
@@ -151,11 +156,11 @@ class MemoryReporter:
     def report(self) -> None:
         elapsed = time.monotonic() - self.started
         gc.collect()
-        counts = type_counts()
+        counts, caches = live_objects()
         if self.first_types is None:
             self.first_types = counts
-        line: dict[str, Any] = {"t_s": round(elapsed, 1), **smaps_split(kv_cache_ranges())}
-        line["kv_slots"] = [kv_slot_report(cache) for cache in kv_caches()]
+        line: dict[str, Any] = {"t_s": round(elapsed, 1), **smaps_split(kv_cache_ranges(caches))}
+        line["kv_slots"] = [kv_slot_report(cache) for cache in caches]
         if tracemalloc.is_tracing():
             line["python_mb"] = round(tracemalloc.get_traced_memory()[0] / 2**20, 2)
         line["objects"] = dict((counts - self.first_types).most_common(TOP_TYPES))

@@ -7,6 +7,7 @@ import mmap
 import numpy as np
 
 from app.text.kv_cache import KVCache, KVCacheLayout
+from scripts.probe_server_memory import resident_pages
 
 
 def _resident_kib() -> int:
@@ -15,17 +16,6 @@ def _resident_kib() -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1])
     raise RuntimeError("no VmRSS in /proc/self/status")
-
-
-def _resident_pages(array: np.ndarray) -> int:
-    """Pages of ``array``'s memory that are in RAM (the present bit of each page in /proc/self/pagemap)."""
-    page = mmap.PAGESIZE
-    start = int(array.ctypes.data)
-    first, last = start // page, (start + array.nbytes - 1) // page
-    with open("/proc/self/pagemap", "rb") as pagemap:
-        pagemap.seek(first * 8)
-        entries = np.frombuffer(pagemap.read((last - first + 1) * 8), dtype="<u8")
-    return int(np.count_nonzero(entries >> np.uint64(63)))
 
 
 def test_truncating_a_slot_returns_the_pages_after_its_new_length() -> None:
@@ -37,18 +27,18 @@ def test_truncating_a_slot_returns_the_pages_after_its_new_length() -> None:
         for buffer in cache.keys + cache.values:
             buffer[slot, :, :800] = slot + 1.0
         cache.advance(slot, 800)
-    full = [_resident_pages(cache.keys[0][slot]) for slot in slots]
+    full = [resident_pages(cache.keys[0][slot]) for slot in slots]
 
     cache.truncate(slots[1], 100)
     cache.truncate(slots[2], 800)  # not shorter: nothing to give back
     for buffer in cache.keys + cache.values:
         row = buffer[slots[1]]
         kept_pages = -(-100 // tokens_per_page) * layout.n_kv_heads
-        assert _resident_pages(row) <= kept_pages + layout.n_kv_heads  # at most one partial page per head more
+        assert resident_pages(row) <= kept_pages + layout.n_kv_heads  # at most one partial page per head more
         assert np.all(row[:, :100] == 2.0)  # the kept prefix is intact
         assert np.all(buffer[slots[0]][:, :800] == 1.0) and np.all(buffer[slots[2]][:, :800] == 3.0)
-    assert _resident_pages(cache.keys[0][slots[0]]) == full[0]
-    assert _resident_pages(cache.keys[0][slots[2]]) == full[2]
+    assert resident_pages(cache.keys[0][slots[0]]) == full[0]
+    assert resident_pages(cache.keys[0][slots[2]]) == full[2]
     assert cache.length(slots[1]) == 100
 
     for buffer in cache.keys + cache.values:  # the slot grows again over released pages: they read as zeros
