@@ -130,15 +130,10 @@ def _control(message: ChatControl, engine: TextEngine, conversation: Any, sessio
 async def _write(connection: Connection, session: ChatSessionState, model: str, version: int) -> None:
     metrics = connection.state.metrics
     while True:
-        next_reply = asyncio.ensure_future(session.replies.get())
-        stop = asyncio.ensure_future(session.stop_requested.wait())
-        done, _ = await asyncio.wait({next_reply, stop}, return_when=asyncio.FIRST_COMPLETED)
-        if next_reply not in done:
-            next_reply.cancel()
+        generation = await _next_reply_unless_stopped(session)
+        if generation is None:
             await close_normally(connection, "shutdown")
             return
-        stop.cancel()
-        generation = next_reply.result()
         try:
             async for item in generation:
                 if isinstance(item, TokenDelta):
@@ -149,6 +144,21 @@ async def _write(connection: Connection, session: ChatSessionState, model: str, 
                     await connection.send(done_message(item))
         finally:
             session.current = None
+
+
+async def _next_reply_unless_stopped(session: ChatSessionState) -> Generation | None:
+    """The next reply to stream, or None once a shutdown asked the session to stop. Both waits are cancelled and
+    awaited however this returns (a cancelled writer used to leave them pending: "Task was destroyed but it is
+    pending!" in the server log)."""
+    next_reply = asyncio.ensure_future(session.replies.get())
+    stop = asyncio.ensure_future(session.stop_requested.wait())
+    try:
+        done, _ = await asyncio.wait({next_reply, stop}, return_when=asyncio.FIRST_COMPLETED)
+        return next_reply.result() if next_reply in done else None
+    finally:
+        for waiter in (next_reply, stop):
+            waiter.cancel()
+        await asyncio.gather(next_reply, stop, return_exceptions=True)
 
 
 def done_message(done: GenerationDone) -> dict[str, Any]:
