@@ -12,7 +12,9 @@ word).
     .venv/bin/python -m scripts.bench_speech_windows [--seconds 30] [--policies 10:2:2,6:2:1,4:2:1]
         [--partial-interval-s 0.5] [--max-utterance-s 20] [--batch 16] [--whisper-version 1]
 
-A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn ``DecodePolicy.stop_loops`` off.
+A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn ``DecodePolicy.stop_loops`` off and
+``:nocontinue`` to turn off the continuation of finals that stop early (``DecodePolicy.continue_tail_s``); the
+``cont`` column counts the continuation windows decoded.
 """
 
 from __future__ import annotations
@@ -111,6 +113,7 @@ def run_policy(
     stats["frames_mean"] = float(np.mean([job.frames for job in jobs]))
     stats["tokens"] = float(sum(text.n_tokens for text in texts.values()))
     stats["token_limit_hits"] = float(sum(text.hit_token_limit for text in texts.values()))
+    stats["continuations"] = float(sum(text.continuations for text in texts.values()))
     return per_clip, stats
 
 
@@ -153,13 +156,19 @@ def main() -> int:
         f"max utterance {settings.max_utterance_s} s"
     )
     print(
-        f"{'policy':>13} {'enc s/s':>8} {'dec s/s':>8} {'CPU s/s':>8} {'frames':>7} {'tokens':>7} {'limit':>6} "
-        f"{'WER':>6} {'partial err':>11}"
+        f"{'policy':>18} {'enc s/s':>8} {'dec s/s':>8} {'CPU s/s':>8} {'frames':>7} {'tokens':>7} {'limit':>6} "
+        f"{'cont':>5} {'WER':>6} {'partial err':>11}"
     )
     for text in args.policies.split(","):
         fields = text.split(":")
         min_window, pad, bucket = (float(value) for value in fields[:3])
-        policy = DecodePolicy(min_window_s=min_window, pad_s=pad, bucket_s=bucket, stop_loops="noloop" not in fields)
+        policy = DecodePolicy(
+            min_window_s=min_window,
+            pad_s=pad,
+            bucket_s=bucket,
+            stop_loops="noloop" not in fields,
+            continue_tail_s=None if "nocontinue" in fields else DecodePolicy.continue_tail_s,
+        )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0
         for index, reference in enumerate(references):
@@ -173,9 +182,9 @@ def main() -> int:
                     wrong, count = prefix_error(result.text, finals.get(window.utterance, ""))
                     partial_edits, partial_words = partial_edits + wrong, partial_words + count
         print(
-            f"{text:>13} {stats['encode_s'] / audio_s:>8.4f} {stats['decode_s'] / audio_s:>8.4f} "
+            f"{text:>18} {stats['encode_s'] / audio_s:>8.4f} {stats['decode_s'] / audio_s:>8.4f} "
             f"{stats['cpu_s'] / audio_s:>8.4f} {stats['frames_mean']:>7.0f} {stats['tokens']:>7.0f} "
-            f"{stats['token_limit_hits']:>6.0f} {edits / max(1, words):>6.3f} "
+            f"{stats['token_limit_hits']:>6.0f} {stats['continuations']:>5.0f} {edits / max(1, words):>6.3f} "
             f"{partial_edits / max(1, partial_words):>11.3f}",
             flush=True,
         )

@@ -14,7 +14,13 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
   decoding lasts as long as its longest row);
 - the offline no-speech rule: no text when P(no speech) > 0.6 while the average log-probability is < -1.0;
 - a partial whose text still compresses too well (zlib ratio > 2.4, a loop ``collapse_repeats`` missed) is not
-  shown (a final keeps its collapsed text).
+  shown (a final keeps its collapsed text);
+- continuation: a final whose decoding ends (EOT) with its last timestamp ``continue_tail_s`` or more before the end
+  of its audio is decoded on from that timestamp, prompted with the text so far (as offline transcription seeks
+  to the last timestamp and conditions on the previous text), at most ``max_continuations`` times. Whisper
+  sometimes closes a long window after its first sentences (seen: 24 s of speech transcribed as "Hello."; on the
+  telephone recording cut at 6.5-28.5 s the first decode stops at 18.6 s and the continuation adds "They all call
+  me a Yankee down here."); without this the rest of the utterance was lost.
 
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
@@ -31,7 +37,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
-from app.speech.decoding import DecodingRules, compression_ratio
+from app.speech.decoding import TIME_PRECISION_S, DecodingRules, compression_ratio
 from app.speech.features import HOP_LENGTH, SAMPLE_RATE_HZ, TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram
 from app.speech.whisper_runner import DecodeResult, LoopStop, WhisperRunner
 
@@ -57,6 +63,8 @@ class DecodePolicy:
     logprob_threshold: float = -1.0  # ... and the average log-probability is below this
     compression_ratio_threshold: float = 2.4  # a partial whose text compresses more than this is not shown
     stop_loops: bool = True  # stop a row's decoding once it ends in repeat_limit copies of an n-gram
+    continue_tail_s: float | None = 2.0  # a final whose timestamps end this long before its audio is decoded on
+    max_continuations: int = 2  # continuation windows per final at most
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -92,6 +100,7 @@ class WindowText:
     collapsed: bool  # repeated n-grams were collapsed
     hit_token_limit: bool  # the decoder was stopped by ``max_new_tokens``
     n_tokens: int  # tokens sampled by the decoder
+    continuations: int = 0  # continuation windows decoded after the first (finals only)
 
 
 @dataclass(frozen=True)
@@ -202,10 +211,114 @@ def transcribe_group(
             loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
         )
         results.update(zip(rows, decoded, strict=True))
-    decoded_at = time.perf_counter()
-    texts = [_window_text(job, results[row], runner, policy) for row, job in enumerate(jobs)]
-    timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decoded_at - encoded_at)
+    continued = _continue_early_finals(runner, jobs, results, policy, rules)
+    texts = [
+        _window_text(job, *continued.get(row, (results[row], job.max_new_tokens, 0)), runner, policy)
+        for row, job in enumerate(jobs)
+    ]
+    decode_s = time.perf_counter() - encoded_at  # continuation windows (rare) count as decoding
+    timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decode_s)
     return texts, timing
+
+
+@dataclass
+class _Continuation:
+    """A final being decoded on past the point where its last window stopped."""
+
+    row: int
+    offset: int  # samples of the job's audio already transcribed
+    tokens: list[int]  # every sampled token so far (timestamps of each window relative to that window)
+    text_tokens: list[int]  # the text tokens so far (the next window's prompt)
+    result: DecodeResult  # merged so far
+    max_new_tokens: int  # token budget so far
+    rounds: int = 0
+
+
+def _continue_early_finals(
+    runner: WhisperRunner,
+    jobs: Sequence[WindowJob],
+    results: Mapping[int, DecodeResult],
+    policy: DecodePolicy,
+    rules: PromptRules,
+) -> dict[int, tuple[DecodeResult, int, int]]:
+    """Decode on the finals that stopped early (see ``DecodePolicy.continue_tail_s``): row -> (merged result,
+    merged token budget, continuation windows). Rows not continued are absent."""
+    if policy.continue_tail_s is None or policy.max_continuations < 1:
+        return {}
+    timestamp_begin = int(runner.config["timestamp_begin"])
+    active: list[_Continuation] = []
+    for row, job in enumerate(jobs):
+        result = results[row]
+        if job.kind != "final" or _is_no_speech(result, policy):
+            continue
+        offset = continuation_offset(0, job, result, policy, timestamp_begin)
+        if offset is not None:
+            text_tokens = [token for token in result.tokens if token < timestamp_begin]
+            active.append(_Continuation(row, offset, list(result.tokens), text_tokens, result, job.max_new_tokens))
+    done: dict[int, tuple[DecodeResult, int, int]] = {}
+    n_mels = int(runner.config["n_mels"])
+    sot_prev = int(runner.config["sot_prev"])
+    max_previous = runner.n_text_ctx // 2 - 1
+    while active:
+        by_frames: dict[int, list[_Continuation]] = {}
+        for state in active:
+            state.rounds += 1
+            samples = jobs[state.row].audio.shape[0] - state.offset
+            by_frames.setdefault(policy.window_frames(samples, "final", runner.max_frames), []).append(state)
+        still: list[_Continuation] = []
+        for frames, group in by_frames.items():
+            audios = [jobs[state.row].audio[state.offset :] for state in group]
+            encoded = runner.encode(np.stack([window_features(audio, frames, n_mels) for audio in audios]))
+            prompts = [[sot_prev, *state.text_tokens[-max_previous:], runner.sot] for state in group]
+            limits = [
+                max(1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1, policy.token_limit(len(audio))))
+                for prompt, audio in zip(prompts, audios, strict=True)
+            ]
+            loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
+            decoded = runner.decode(encoded, prompts, max_new_tokens=limits, rules=rules.final, loop_stop=loop_stop)
+            for state, result, limit in zip(group, decoded, limits, strict=True):
+                if _is_no_speech(result, policy):
+                    done[state.row] = (state.result, state.max_new_tokens, state.rounds)
+                    continue
+                state.tokens += result.tokens
+                state.text_tokens += [token for token in result.tokens if token < timestamp_begin]
+                state.max_new_tokens += limit
+                state.result = DecodeResult(
+                    tokens=state.tokens,
+                    sum_logprob=state.result.sum_logprob + result.sum_logprob,
+                    avg_logprob=state.result.avg_logprob,
+                    no_speech_prob=state.result.no_speech_prob,
+                    text=runner.tokenizer.decode(state.text_tokens),
+                    reached_eot=result.reached_eot,
+                )
+                offset = continuation_offset(state.offset, jobs[state.row], result, policy, timestamp_begin)
+                if offset is not None and state.rounds < policy.max_continuations:
+                    state.offset = offset
+                    still.append(state)
+                else:
+                    done[state.row] = (state.result, state.max_new_tokens, state.rounds)
+        active = still
+    return done
+
+
+def continuation_offset(
+    offset: int, job: WindowJob, last: DecodeResult, policy: DecodePolicy, timestamp_begin: int
+) -> int | None:
+    """Where to continue when ``last``, the decoding of ``job.audio[offset:]``, reached EOT with its last timestamp
+    at least ``continue_tail_s`` before the audio's end: the sample of that timestamp; None otherwise."""
+    if not last.reached_eot or policy.continue_tail_s is None:
+        return None
+    stamps = [token for token in last.tokens if token >= timestamp_begin]
+    if not stamps or stamps[-1] == timestamp_begin:
+        return None  # no progress to continue from
+    until = offset + round((stamps[-1] - timestamp_begin) * TIME_PRECISION_S * SAMPLE_RATE_HZ)
+    if job.audio.shape[0] - until < policy.continue_tail_s * SAMPLE_RATE_HZ:
+        return None
+    return until
+
+
+def _is_no_speech(result: DecodeResult, policy: DecodePolicy) -> bool:
+    return result.no_speech_prob > policy.no_speech_threshold and result.avg_logprob < policy.logprob_threshold
 
 
 def _prompt(runner: WhisperRunner, job: WindowJob) -> list[int]:
@@ -214,14 +327,21 @@ def _prompt(runner: WhisperRunner, job: WindowJob) -> list[int]:
     return [runner.sot, runner.no_timestamps]
 
 
-def _window_text(job: WindowJob, result: DecodeResult, runner: WhisperRunner, policy: DecodePolicy) -> WindowText:
-    kept = result.tokens[: job.max_new_tokens]
-    hit_limit = not result.reached_eot or len(result.tokens) > job.max_new_tokens
-    no_speech = result.no_speech_prob > policy.no_speech_threshold and result.avg_logprob < policy.logprob_threshold
+def _window_text(
+    job: WindowJob,
+    result: DecodeResult,
+    max_new_tokens: int,
+    continuations: int,
+    runner: WhisperRunner,
+    policy: DecodePolicy,
+) -> WindowText:
+    kept = result.tokens[:max_new_tokens]
+    hit_limit = not result.reached_eot or len(result.tokens) > max_new_tokens
+    no_speech = _is_no_speech(result, policy)
     timestamp_begin = int(runner.config["timestamp_begin"])
     text_tokens = [token for token in kept if token < timestamp_begin]
     collapsed_tokens, collapsed = collapse_repeats(text_tokens, policy.repeat_limit, policy.max_repeat_ngram)
     text = "" if no_speech else window_text_from_tokens(collapsed_tokens, runner)
     if job.kind == "partial" and text and compression_ratio(text) > policy.compression_ratio_threshold:
         text = ""
-    return WindowText(job.key, text, no_speech, collapsed, hit_limit, len(kept))
+    return WindowText(job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations)
