@@ -161,6 +161,22 @@ def test_truncate_reuses_the_cached_prefix(runner: LlamaRunner, reference: Refer
     np.testing.assert_allclose(logits, reference.forward(prefix + new_tail)[-1], atol=TOLERANCE, rtol=0)
 
 
+def test_a_copied_prefix_continues_like_its_source(runner: LlamaRunner, reference: ReferenceLlama) -> None:
+    prefix, source_tail, new_tail = _tokens(30, 9), _tokens(31, 4), _tokens(32, 3)
+    source = runner.allocate_slot()
+    runner.step([StepInput(source, prefix + source_tail)])
+    destination = runner.allocate_slot()
+    runner.copy_prefix(source, destination, len(prefix))
+    assert runner.slot_length(destination) == len(prefix) and runner.slot_length(source) == len(prefix + source_tail)
+    logits = runner.step([StepInput(destination, new_tail), StepInput(source, [5])])
+    np.testing.assert_allclose(logits[0], reference.forward(prefix + new_tail)[-1], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(logits[1], reference.forward([*prefix, *source_tail, 5])[-1], atol=TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="destination empty"):
+        runner.copy_prefix(source, destination, 2)  # the destination already holds tokens
+    with pytest.raises(ValueError, match="at most the source"):
+        runner.copy_prefix(source, runner.allocate_slot(), 100)
+
+
 def test_idle_slots_between_rows_keep_their_cache(runner: LlamaRunner, reference: ReferenceLlama) -> None:
     prompts = [_tokens(20 + i, 5 + i) for i in range(5)]
     slots = [runner.allocate_slot() for _ in prompts]

@@ -268,7 +268,14 @@ def test_concurrent_greedy_requests_equal_the_same_requests_alone(any_model: Mod
             assert all(step[1] + step[2] <= 64 for step in recorder.steps)
             for prompt, single, batched in zip(PROMPTS, alone, together, strict=True):
                 assert batched.text == single.text, prompt
-                assert batched.done.usage == single.done.usage
+                alone_usage, batched_usage = single.done.usage, batched.done.usage
+                assert (batched_usage.prompt_tokens, batched_usage.completion_tokens) == (
+                    alone_usage.prompt_tokens,
+                    alone_usage.completion_tokens,
+                )
+                # Alone, each conversation closes before the next: nothing to share. Together, those admitted after
+                # the first step copy the chat template's default system prompt from a slot that computed it.
+                assert alone_usage.cached_tokens == 0 and batched_usage.cached_tokens < batched_usage.prompt_tokens
 
     run(scenario())
 
@@ -295,6 +302,9 @@ class RecordingRunner:
 
     def truncate(self, slot: int, length: int) -> None:
         self.runner.truncate(slot, length)
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        self.runner.copy_prefix(source, destination, length)
 
     def step(self, batch: Sequence[StepInput]) -> np.ndarray:
         self.steps += 1
@@ -472,6 +482,29 @@ def test_leaving_the_loop_early_cancels_the_generation(model: Model) -> None:
 # -- slots ---------------------------------------------------------------------------------------------------------
 
 
+def test_a_new_conversation_reuses_the_system_prompt_another_one_cached(model: Model) -> None:
+    """Sessions with the same system prompt prefill it once: the next session's first turn copies it from the
+    first one's slot, and its greedy reply is the one it gets with sharing off."""
+    system = ("system", "You are a concise assistant for a hardware store. Answer in one sentence.")
+
+    async def replies(min_shared_prefix: int) -> list[Reply]:
+        async with running_engine(model, min_shared_prefix=min_shared_prefix) as engine:
+            first, second = engine.open_conversation(), engine.open_conversation()
+            one = await collect(engine.chat(first, [system, ("user", PROMPTS[0])], GREEDY))
+            two = await collect(engine.chat(second, [system, ("user", PROMPTS[1])], GREEDY))
+            return [one, two]
+
+    shared = run(replies(8))
+    alone = run(replies(0))
+    assert shared[0].done.usage.cached_tokens == alone[0].done.usage.cached_tokens == 0
+    assert alone[1].done.usage.cached_tokens == 0
+    system_tokens = len(model.tokenizer.encode(system[1], allow_special=False))
+    cached = shared[1].done.usage.cached_tokens
+    assert system_tokens <= cached < shared[1].done.usage.prompt_tokens
+    assert shared[1].done.timings.prefill_tokens == shared[1].done.usage.prompt_tokens - cached
+    assert [reply.text for reply in shared] == [reply.text for reply in alone]
+
+
 def test_close_conversation_frees_the_slot(model: Model) -> None:
     async def scenario() -> None:
         async with running_engine(model) as engine:
@@ -506,9 +539,13 @@ def test_idle_conversations_are_evicted_least_recently_used_first(model: Model) 
             await collect(engine.chat(c, [("user", PROMPTS[2])], params))  # evicts a, the least recently used
             assert a.slot is None and b.slot is not None and c.slot is not None
             assert engine.slots_in_use == 2
+            history_of_a, tokens_of_c = len(a.token_ids), list(c.token_ids)
             again = await collect(engine.chat(a, [("user", "Thanks.")], params))  # evicts b
-            assert again.done.usage.cached_tokens == 0
-            assert again.done.timings.prefill_tokens == again.done.usage.prompt_tokens
+            # a's own cache is gone: only the chat template's start, shared with c's slot, is copied (not prefilled)
+            usage = again.done.usage
+            shared = common_prefix_length(tokens_of_c, a.token_ids[: usage.prompt_tokens])
+            assert usage.cached_tokens == shared < history_of_a
+            assert again.done.timings.prefill_tokens == usage.prompt_tokens - shared
             assert b.slot is None
             follow_up = await collect(engine.chat(c, [("user", "Thanks.")], params))
             assert follow_up.done.usage.cached_tokens > 0
@@ -587,6 +624,9 @@ class ExplodingRunner:
 
     def truncate(self, slot: int, length: int) -> None:
         self.runner.truncate(slot, length)
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        self.runner.copy_prefix(source, destination, length)
 
     def step(self, batch: Sequence[StepInput]) -> np.ndarray:
         if self.explode:

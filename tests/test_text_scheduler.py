@@ -30,6 +30,7 @@ class FakeSlots:
         self.max_seq_len = max_seq_len
         self.contents: dict[int, list[int]] = {}  # the tokens each allocated slot holds
         self.truncations: list[tuple[int, int]] = []
+        self.copies: list[tuple[int, int, int]] = []
 
     def allocate_slot(self) -> int:
         free = sorted(set(range(self.num_slots)) - set(self.contents))
@@ -49,6 +50,12 @@ class FakeSlots:
         assert 0 <= length <= len(self.contents[slot]), f"truncate({slot}, {length}) beyond its length"
         del self.contents[slot][length:]
         self.truncations.append((slot, length))
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        assert source != destination and self.contents[destination] == [], f"copy_prefix into busy slot {destination}"
+        assert 0 <= length <= len(self.contents[source]), f"copy_prefix({source}, {destination}, {length})"
+        self.contents[destination] = self.contents[source][:length]
+        self.copies.append((source, destination, length))
 
     def run(self, output: SchedulerOutput) -> None:
         slots = [row.slot for row in output.rows]
@@ -70,9 +77,13 @@ def make_request(
     return TextRequest(f"r{next(_ids)}", conversation or Conversation(), ids)
 
 
-def make_scheduler(num_slots: int = 4, budget: int = 64, max_waiting: int = 16) -> tuple[TextScheduler, FakeSlots]:
+def make_scheduler(
+    num_slots: int = 4, budget: int = 64, max_waiting: int = 16, min_shared_prefix: int = 0
+) -> tuple[TextScheduler, FakeSlots]:
+    """A scheduler over a fake pool; prefix sharing between slots is off unless ``min_shared_prefix`` is set (the
+    default prompts 1..n all share their starts)."""
     slots = FakeSlots(num_slots)
-    return TextScheduler(slots, SchedulerConfig(num_slots, budget, max_waiting)), slots
+    return TextScheduler(slots, SchedulerConfig(num_slots, budget, max_waiting, min_shared_prefix)), slots
 
 
 def step(
@@ -349,13 +360,16 @@ _operation = st.one_of(
 @given(
     num_slots=st.integers(1, 4),
     budget_extra=st.integers(0, 40),
+    min_shared_prefix=st.sampled_from([0, 2]),
     operations=st.lists(_operation, min_size=10, max_size=80),
 )
 def test_random_traffic_keeps_invariants(
-    num_slots: int, budget_extra: int, operations: list[tuple[str, int, int]]
+    num_slots: int, budget_extra: int, min_shared_prefix: int, operations: list[tuple[str, int, int]]
 ) -> None:
     budget = num_slots + budget_extra
-    scheduler, slots = make_scheduler(num_slots=num_slots, budget=budget, max_waiting=8)
+    scheduler, slots = make_scheduler(
+        num_slots=num_slots, budget=budget, max_waiting=8, min_shared_prefix=min_shared_prefix
+    )
     conversations = [Conversation() for _ in range(4)]
     last_request: dict[int, TextRequest] = {}
     ended: set[str] = set()
@@ -417,3 +431,67 @@ def test_random_traffic_keeps_invariants(
     assert scheduler.num_running == scheduler.num_waiting == 0
     scheduler.apply_pending()
     check_slot_mirror(scheduler, slots)
+
+
+# -- prefixes shared between slots ----------------------------------------------------------------------------------
+
+
+def finish_all(scheduler: TextScheduler, slots: FakeSlots) -> None:
+    """Run until every running request has its first token, then finish them all (their conversations go idle)."""
+    while any(request.is_prefilling for request in scheduler.running()) or scheduler.num_waiting:
+        step(scheduler, slots)
+    for request in scheduler.running():
+        scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+
+
+def test_a_first_turn_starts_from_the_prefix_an_idle_slot_holds() -> None:
+    scheduler, slots = make_scheduler(min_shared_prefix=8)
+    system_prompt = list(range(100, 130))
+    first = make_request(0, prompt=[*system_prompt, 1, 2, 3])
+    scheduler.add(first)
+    finish_all(scheduler, slots)
+    second = make_request(0, prompt=[*system_prompt, 4, 5])
+    scheduler.add(second)
+    output, _ = step(scheduler, slots)
+    (row,) = output.rows
+    assert slots.copies == [(first.conversation.slot, second.conversation.slot, 30)]
+    assert second.cached_tokens == 30 and row.start == 30 and row.token_ids == (4, 5)
+    assert second.prefilled_tokens == 2
+    check_slot_mirror(scheduler, slots)
+
+
+def test_a_running_request_shares_only_the_tokens_it_has_computed() -> None:
+    scheduler, slots = make_scheduler(budget=64, min_shared_prefix=8)
+    shared = list(range(1, 101))
+    first = make_request(0, prompt=shared)
+    scheduler.add(first)
+    step(scheduler, slots)  # 64 of its 100 tokens are cached
+    second = make_request(0, prompt=[*shared, 555])
+    scheduler.add(second)
+    output, _ = step(scheduler, slots)
+    assert slots.copies == [(first.conversation.slot, second.conversation.slot, 64)]
+    rows = {row.request.request_id: row for row in output.rows}
+    assert rows[first.request_id].start == 64 and rows[second.request_id].start == 64
+    assert second.cached_tokens == 64
+    check_slot_mirror(scheduler, slots)
+
+
+def test_short_or_disabled_sharing_copies_nothing_and_a_whole_prompt_leaves_one_token() -> None:
+    for minimum, prefix_length, expected in ((8, 7, 0), (0, 30, 0), (8, 30, 30)):
+        scheduler, slots = make_scheduler(min_shared_prefix=minimum)
+        prefix = list(range(100, 100 + prefix_length))
+        scheduler.add(make_request(0, prompt=[*prefix, 1]))
+        finish_all(scheduler, slots)
+        request = make_request(0, prompt=[*prefix, 2])
+        scheduler.add(request)
+        step(scheduler, slots)
+        assert request.cached_tokens == expected, (minimum, prefix_length)
+        assert len(slots.copies) == (1 if expected else 0)
+    scheduler, slots = make_scheduler(min_shared_prefix=8)
+    prompt = list(range(100, 120))
+    scheduler.add(make_request(0, prompt=prompt))
+    finish_all(scheduler, slots)
+    same = make_request(0, prompt=prompt)
+    scheduler.add(same)
+    output, _ = step(scheduler, slots)
+    assert same.cached_tokens == 19 and output.rows[0].token_ids == (119,)  # the model must see one prompt token

@@ -61,6 +61,8 @@ class TextRunner(Protocol):
 
     def truncate(self, slot: int, length: int) -> None: ...
 
+    def copy_prefix(self, source: int, destination: int, length: int) -> None: ...
+
     def step(self, batch: Sequence[StepInput]) -> np.ndarray: ...
 
 
@@ -71,6 +73,7 @@ class TextEngineSettings:
     prefill_chunk_tokens: int = 256  # token budget per step, so decodes never stall behind a long prompt
     intra_op_threads: int = 2  # onnxruntime threads of the runner (used by ``from_directory``)
     max_waiting_requests: int = 64  # generations that may queue while every KV slot is generating; then OverloadedError
+    min_shared_prefix: int = 8  # a conversation's first turn copies another slot's cached prefix this long; 0: never
     warmup: bool = True  # run one tiny prefill and decode at start()
 
     def __post_init__(self) -> None:
@@ -78,8 +81,9 @@ class TextEngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TextEngineSettings.{name} should be a positive integer, got {value!r}")
-        if self.max_waiting_requests < 0:
-            raise ValueError(f"TextEngineSettings.max_waiting_requests should be >= 0, got {self.max_waiting_requests}")
+        for name in ("max_waiting_requests", "min_shared_prefix"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"TextEngineSettings.{name} should be >= 0, got {getattr(self, name)}")
 
 
 @dataclass(eq=False)
@@ -139,6 +143,7 @@ class TextEngine:
                 num_slots=num_slots,
                 token_budget=max(self.settings.prefill_chunk_tokens, num_slots),
                 max_waiting=self.settings.max_waiting_requests,
+                min_shared_prefix=self.settings.min_shared_prefix,
             ),
         )
         self._sampler = Sampler()

@@ -12,8 +12,11 @@ prefilled over several steps while the other streams keep decoding.
 
 KV slots are a cache of conversations. A conversation keeps its slot between turns; on admission the request reuses
 the longest common prefix of the slot's tokens and its prompt (the slot is truncated to it) and prefills only the
-rest. When a request needs a slot and none is free, the least recently used *idle* conversation (holding a slot
-but no request) loses its slot. Only when every slot is held by a request does a request wait.
+rest. A request that gets a new slot (a conversation's first turn, or one whose slot was evicted) starts from
+the longest prefix it shares with any other slot's cached tokens, copied over (``SlotPool.copy_prefix``), when
+that is at least ``min_shared_prefix`` tokens: sessions that share a system prompt prefill it once. When a request
+needs a slot and none is free, the least recently used *idle* conversation (holding a slot but no request) loses
+its slot. Only when every slot is held by a request does a request wait.
 
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
@@ -29,7 +32,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from app.engine.conversation import Conversation
+from app.engine.conversation import Conversation, common_prefix_length
 from app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -48,6 +51,10 @@ class SlotPool(Protocol):
 
     def truncate(self, slot: int, length: int) -> None:
         """Keep only the first ``length`` cached tokens of the slot."""
+        ...
+
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """Start the empty slot ``destination`` with the first ``length`` cached tokens of slot ``source``."""
         ...
 
 
@@ -110,6 +117,7 @@ class SchedulerConfig:
     num_slots: int  # KV-cache slots of the runner
     token_budget: int  # most tokens (prefill + decode) in one step; at least num_slots so prefill always advances
     max_waiting: int  # requests that may wait beyond the slots that can take them; more raise OverloadedError
+    min_shared_prefix: int = 8  # a new slot copies another slot's cached prefix of at least this many tokens; 0: never
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -121,6 +129,8 @@ class SchedulerConfig:
             )
         if self.max_waiting < 0:
             raise ValueError(f"max_waiting should be >= 0, got {self.max_waiting}")
+        if self.min_shared_prefix < 0:
+            raise ValueError(f"min_shared_prefix should be >= 0, got {self.min_shared_prefix}")
 
 
 @dataclass(frozen=True)
@@ -358,13 +368,35 @@ class TextScheduler:
             conversation.slot = self._slots.allocate_slot()
             conversation.token_ids = []
             self._slots_in_use += 1
-            reuse = 0
+            reuse = self._copy_shared_prefix(conversation.slot, request)
         request.cached_tokens = reuse
         request.num_computed = reuse
         request.status = RequestStatus.RUNNING
         self._waiting.remove(request)
         self._running.append(request)
         return True
+
+    def _copy_shared_prefix(self, slot: int, request: TextRequest) -> int:
+        """Copy into the new ``slot`` the longest prefix of the request's prompt that another slot holds (idle
+        conversations' tokens, running requests' computed tokens), if it is at least ``min_shared_prefix`` tokens;
+        return how many tokens the slot now holds. At least one prompt token is left to run."""
+        if self.config.min_shared_prefix == 0:
+            return 0
+        prompt = request.prompt_ids
+        best_slot, best = -1, 0
+        holders = [(c.slot, c.token_ids) for c in self._idle.values()]
+        holders += [(r.conversation.slot, r.computed_ids()) for r in self._running if r is not request]
+        for holder_slot, tokens in holders:
+            if holder_slot is not None and holder_slot != slot:
+                shared = min(common_prefix_length(tokens, prompt), len(prompt) - 1)
+                if shared > best:
+                    best_slot, best = holder_slot, shared
+        if best < max(1, self.config.min_shared_prefix):
+            return 0
+        self._slots.copy_prefix(best_slot, slot, best)
+        request.conversation.token_ids = list(prompt[:best])
+        logger.debug("%s starts from %d tokens shared with slot %d", request.request_id, best, best_slot)
+        return best
 
     def _end(self, request: TextRequest, status: RequestStatus) -> None:
         conversation = request.conversation

@@ -74,7 +74,11 @@ def _build_text(loaded: LoadedVersion, settings: Settings, metrics: Metrics) -> 
     from app.engine.text_engine import TextEngine, TextEngineSettings
 
     engine = TextEngine.from_directory(
-        loaded.directory, loaded.manifest.config, TextEngineSettings(intra_op_threads=settings.chat_threads),
+        loaded.directory,
+        loaded.manifest.config,
+        TextEngineSettings(
+            intra_op_threads=settings.chat_threads, min_shared_prefix=settings.chat_shared_prefix_min_tokens
+        ),
         TextMetricsObserver(metrics, loaded.name, loaded.version),
     )
     return BuiltEngine(engine=engine, info={"context_length": engine.context_length})

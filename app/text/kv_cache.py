@@ -160,6 +160,21 @@ class KVCache:
         if length < current:
             self._release_positions_from(slot, length)
 
+    def copy_prefix(self, source: int, destination: int, length: int) -> None:
+        """Copy the first ``length`` cached tokens of slot ``source`` into the empty slot ``destination`` (a prompt
+        that starts like another conversation's, such as a shared system prompt, need not be prefilled again).
+        Rows of different slots never overlap, and positions ``< length`` of the source are never written while it
+        holds them, so the copy is exact."""
+        held, occupied = self.length(source), self.length(destination)
+        if source == destination or occupied != 0 or not 0 <= length <= held:
+            raise ValueError(
+                f"copy_prefix({source}, {destination}, {length}) needs two slots, the destination empty (it holds "
+                f"{occupied}) and at most the source's {held} tokens"
+            )
+        for buffer in (*self.keys, *self.values):
+            buffer[destination, :, :length] = buffer[source, :, :length]
+        self._lengths[destination] = length
+
     def advance(self, slot: int, n_tokens: int) -> None:
         """Record that ``n_tokens`` more tokens were written into the slot."""
         self._lengths[slot] += n_tokens
