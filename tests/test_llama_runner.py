@@ -177,6 +177,22 @@ def test_a_copied_prefix_continues_like_its_source(runner: LlamaRunner, referenc
         runner.copy_prefix(source, runner.allocate_slot(), 100)
 
 
+def test_a_copy_survives_its_source_being_freed_or_copied_on_before_the_next_step(
+    runner: LlamaRunner, reference: ReferenceLlama
+) -> None:
+    """The data of a copy moves at the next step; freeing or truncating a slot involved first makes it move then."""
+    prefix, tail = _tokens(33, 10), _tokens(34, 3)
+    source = runner.allocate_slot()
+    runner.step([StepInput(source, prefix + tail)])
+    first, second = runner.allocate_slot(), runner.allocate_slot()
+    runner.copy_prefix(source, first, len(prefix))
+    runner.copy_prefix(first, second, 6)  # from a slot whose own copy has not run yet
+    runner.free_slot(source)  # its pages go back to the kernel: the copies must have run before
+    logits = runner.step([StepInput(first, [9]), StepInput(second, [8])])
+    np.testing.assert_allclose(logits[0], reference.forward([*prefix, 9])[-1], atol=TOLERANCE, rtol=0)
+    np.testing.assert_allclose(logits[1], reference.forward([*prefix[:6], 8])[-1], atol=TOLERANCE, rtol=0)
+
+
 def test_idle_slots_between_rows_keep_their_cache(runner: LlamaRunner, reference: ReferenceLlama) -> None:
     prompts = [_tokens(20 + i, 5 + i) for i in range(5)]
     slots = [runner.allocate_slot() for _ in prompts]

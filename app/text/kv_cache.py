@@ -163,17 +163,25 @@ class KVCache:
     def copy_prefix(self, source: int, destination: int, length: int) -> None:
         """Copy the first ``length`` cached tokens of slot ``source`` into the empty slot ``destination`` (a prompt
         that starts like another conversation's, such as a shared system prompt, need not be prefilled again).
-        Rows of different slots never overlap, and positions ``< length`` of the source are never written while it
-        holds them, so the copy is exact."""
+        Rows of different slots never overlap, so the copy is exact."""
+        self.reserve_copy(source, destination, length)
+        self.run_copy(source, destination, length)
+
+    def reserve_copy(self, source: int, destination: int, length: int) -> None:
+        """Check a copy and give ``destination`` its length now; ``run_copy`` moves the data later (the caller must
+        run it before ``source`` loses those tokens and before anything reads ``destination``)."""
         held, occupied = self.length(source), self.length(destination)
         if source == destination or occupied != 0 or not 0 <= length <= held:
             raise ValueError(
                 f"copy_prefix({source}, {destination}, {length}) needs two slots, the destination empty (it holds "
                 f"{occupied}) and at most the source's {held} tokens"
             )
+        self._lengths[destination] = length
+
+    def run_copy(self, source: int, destination: int, length: int) -> None:
+        """Move the data of a reserved copy: ``length`` positions of every head of every buffer."""
         for buffer in (*self.keys, *self.values):
             buffer[destination, :, :length] = buffer[source, :, :length]
-        self._lengths[destination] = length
 
     def advance(self, slot: int, n_tokens: int) -> None:
         """Record that ``n_tokens`` more tokens were written into the slot."""
