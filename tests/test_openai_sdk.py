@@ -49,6 +49,24 @@ def test_chat_completion_is_greedy_deterministic_and_knows_paris(client: openai.
     assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
 
 
+def test_a_stateless_follow_up_prefills_only_what_is_new(client: openai.OpenAI) -> None:
+    """A client resends the whole history each turn; the previous request's KV cache, left behind as a prefix
+    cache, covers it, so only the reply's end and the new message are computed."""
+    history = [{"role": "system", "content": "You are a terse geography tutor."}, *FRANCE]
+    first = client.chat.completions.create(model=MODEL, messages=history, temperature=0, max_tokens=24)
+    reply = first.choices[0].message.content
+    assert reply is not None and first.usage is not None
+    follow_up = [*history, {"role": "assistant", "content": reply},
+                 {"role": "user", "content": "And what is the capital of Italy?"}]
+    second = client.chat.completions.create(model=MODEL, messages=follow_up, temperature=0, max_tokens=24)
+    usage = second.usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    cached = usage.prompt_tokens_details.cached_tokens or 0
+    assert cached >= first.usage.prompt_tokens, (cached, first.usage)  # the whole first prompt, at least
+    assert usage.prompt_tokens - cached <= first.usage.completion_tokens + 20  # the reply's end and the question
+    assert "Rome" in (second.choices[0].message.content or "")
+
+
 def test_chat_streaming_sends_the_same_text_in_chunks_with_usage(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
     stream = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32, stream=True,

@@ -474,7 +474,8 @@ def test_leaving_the_loop_early_cancels_the_generation(model: Model) -> None:
             await iterator.aclose()  # what `break` or a cancelled reader task does
             while engine.active_requests:
                 await asyncio.sleep(0.01)
-            assert generation.finished and engine.slots_in_use == 0
+            assert generation.finished
+            assert engine.slots_in_use == 1  # what it computed stays as a prefix cache for later requests
 
     run(scenario())
 

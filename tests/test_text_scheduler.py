@@ -495,3 +495,45 @@ def test_short_or_disabled_sharing_copies_nothing_and_a_whole_prompt_leaves_one_
     scheduler.add(same)
     output, _ = step(scheduler, slots)
     assert same.cached_tokens == 19 and output.rows[0].token_ids == (119,)  # the model must see one prompt token
+
+
+def test_a_one_off_request_leaves_its_slot_as_a_cache_the_next_request_takes_over() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, min_shared_prefix=8)
+    history = list(range(100, 140))
+    first = make_request(0, Conversation(ephemeral=True), prompt=history)
+    scheduler.add(first)
+    finish_all(scheduler, slots)
+    cache = first.conversation
+    assert cache.slot is not None and scheduler.idle_conversations() == (cache,)  # kept, not freed
+    # The same client one turn later: the whole history again, its reply and a new message.
+    second = make_request(0, Conversation(ephemeral=True), prompt=[*history, SAMPLED_TOKEN, 7, 8, 9])
+    scheduler.add(second)
+    output, _ = step(scheduler, slots)
+    (row,) = output.rows
+    assert second.conversation.slot == row.slot and cache.slot is None  # taken over: no copy, no new slot
+    assert slots.copies == [] and scheduler.slots_in_use == 1
+    assert second.cached_tokens == 40 and row.token_ids == (SAMPLED_TOKEN, 7, 8, 9)
+    check_slot_mirror(scheduler, slots)
+
+
+def test_one_off_caches_are_evicted_before_conversations() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, min_shared_prefix=8)
+    live = make_request(0, prompt=list(range(300, 320)))
+    scheduler.add(live)
+    finish_all(scheduler, slots)
+    one_off = make_request(0, Conversation(ephemeral=True), prompt=list(range(400, 420)))
+    scheduler.add(one_off)
+    finish_all(scheduler, slots)  # both idle now; the live conversation is the least recently used
+    newcomer = make_request(0, prompt=list(range(500, 520)))
+    scheduler.add(newcomer)
+    output, _ = step(scheduler, slots)
+    assert output.evicted == (one_off.conversation,) and live.conversation.slot is not None
+    check_slot_mirror(scheduler, slots)
+
+
+def test_without_sharing_a_one_off_request_frees_its_slot() -> None:
+    scheduler, slots = make_scheduler(min_shared_prefix=0)
+    request = make_request(0, Conversation(ephemeral=True), prompt=list(range(100, 140)))
+    scheduler.add(request)
+    finish_all(scheduler, slots)
+    assert scheduler.slots_in_use == 0 and request.conversation.slot is None

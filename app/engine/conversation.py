@@ -42,7 +42,9 @@ class Conversation:
     # The tokens of the last prompt plus reply. While ``slot`` is set, the slot's KV cache holds exactly these.
     token_ids: list[int] = field(default_factory=list)
     slot: int | None = None  # KV-cache slot, or None when it was never given one or was evicted
-    ephemeral: bool = False  # a one-off completion: its slot is freed as soon as its generation ends
+    # A one-off request (completion, stateless chat): no further turns. Once its generation ends its slot stays as a
+    # prefix cache (evicted first when a slot is needed) that a later request starting the same way takes over.
+    ephemeral: bool = False
     closed: bool = False
     active_request_id: str | None = None  # the generation waiting or running on this conversation
     epoch: int = 0  # bumped by reset, so a reply that ends after a reset does not join the new history

@@ -293,19 +293,29 @@ class TextEngine:
                 f"a generation ({conversation.active_request_id}) is already running on conversation "
                 f"{conversation.id}; wait for its GenerationDone before the next turn"
             )
+        history = [*conversation.messages, *((str(role), str(content)) for role, content in messages)]
+        generation = self._submit(conversation, self._chat_prompt_ids(history), params)
+        conversation.messages = history
+        return generation
+
+    def chat_once(self, messages: Sequence[tuple[str, str]], params: SamplingParams) -> Generation:
+        """A reply to a whole message list with no conversation kept (the OpenAI routes). Its KV cache stays behind
+        as a prefix cache once it ends, until its slot is needed: a next request whose messages start the same way
+        (the same conversation one turn later, or the same system prompt) takes it over instead of prefilling."""
+        self._check_alive()
+        history = [(str(role), str(content)) for role, content in messages]
+        return self._submit(Conversation(ephemeral=True), self._chat_prompt_ids(history), params)
+
+    def _chat_prompt_ids(self, history: Sequence[tuple[str, str]]) -> list[int]:
         if self._template is None:
             raise RuntimeError("this model has no chat template; use complete()")
-        history = [*conversation.messages, *((str(role), str(content)) for role, content in messages)]
         text = self._template.render(
             [{"role": role, "content": content} for role, content in history],
             add_generation_prompt=True,
             bos_token=self._bos_text,
             eos_token=self._eos_text,
         )
-        prompt_ids = self._tokenizer.encode(text, allow_special=True, add_special=False)
-        generation = self._submit(conversation, prompt_ids, params)
-        conversation.messages = history
-        return generation
+        return self._tokenizer.encode(text, allow_special=True, add_special=False)
 
     def complete(self, prompt: str, params: SamplingParams, *, add_special: bool = False) -> Generation:
         """Continue raw text: no chat template, no history. Control-token text in ``prompt`` is parsed."""

@@ -14,9 +14,12 @@ KV slots are a cache of conversations. A conversation keeps its slot between tur
 the longest common prefix of the slot's tokens and its prompt (the slot is truncated to it) and prefills only the
 rest. A request that gets a new slot (a conversation's first turn, or one whose slot was evicted) starts from
 the longest prefix it shares with any other slot's cached tokens, copied over (``SlotPool.copy_prefix``), when
-that is at least ``min_shared_prefix`` tokens: sessions that share a system prompt prefill it once. When a request
-needs a slot and none is free, the least recently used *idle* conversation (holding a slot but no request) loses
-its slot. Only when every slot is held by a request does a request wait.
+that is at least ``min_shared_prefix`` tokens: sessions that share a system prompt prefill it once. A finished
+one-off request (``Conversation.ephemeral``: completions, stateless chat requests) leaves its slot behind as such a
+prefix cache; a request whose best match is one takes the slot over (truncated to the shared prefix) instead of
+copying from it, so a stateless client that resends a growing history prefills only what is new. When a request
+needs a slot and none is free, the least recently used *idle* conversation (holding a slot but no request; the
+caches of one-off requests first) loses its slot. Only when every slot is held by a request does a request wait.
 
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
@@ -357,11 +360,13 @@ class TextScheduler:
             if reuse < len(conversation.token_ids):
                 self._slots.truncate(conversation.slot, reuse)
                 del conversation.token_ids[reuse:]
+        elif (taken := self._take_over_cache(request)) is not None:
+            reuse = taken
         else:
             if self._slots_in_use >= self.config.num_slots:
                 if not self._idle:
                     return False
-                _, victim = self._idle.popitem(last=False)
+                victim = self._eviction_victim()
                 logger.debug("evicting idle %s to admit %s", victim.id, request.request_id)
                 self._drop_slot(victim)
                 evicted.append(victim)
@@ -375,6 +380,39 @@ class TextScheduler:
         self._waiting.remove(request)
         self._running.append(request)
         return True
+
+    def _eviction_victim(self) -> Conversation:
+        """The idle conversation to lose its slot: the least recently used prefix cache of a one-off request, else
+        the least recently used conversation."""
+        victim = next((c for c in self._idle.values() if c.ephemeral), None)
+        if victim is None:
+            victim = next(iter(self._idle.values()))
+        return victim
+
+    def _take_over_cache(self, request: TextRequest) -> int | None:
+        """Give the request the slot of the one-off request's cache that shares the longest prefix with its prompt,
+        if that is at least ``min_shared_prefix`` tokens and no other slot shares more; return the tokens kept."""
+        if self.config.min_shared_prefix == 0:
+            return None
+        prompt = request.prompt_ids
+        best, best_cache = 0, None
+        for holder in self._idle.values():  # the longest match; on a tie, a one-off request's cache
+            shared = min(common_prefix_length(holder.token_ids, prompt), len(prompt) - 1)
+            if shared > best or (shared == best and holder.ephemeral and best_cache is not None):
+                best, best_cache = shared, holder
+        if best_cache is None or not best_cache.ephemeral or best < max(1, self.config.min_shared_prefix):
+            return None
+        if any(min(common_prefix_length(r.computed_ids(), prompt), len(prompt) - 1) > best for r in self._running):
+            return None  # a running request holds more of it: copy from there instead
+        conversation = request.conversation
+        del self._idle[best_cache.id]
+        conversation.slot, best_cache.slot = best_cache.slot, None
+        assert conversation.slot is not None
+        if best < len(best_cache.token_ids):
+            self._slots.truncate(conversation.slot, best)
+        conversation.token_ids = list(prompt[:best])
+        logger.debug("%s takes over the cached slot %d (%d tokens)", request.request_id, conversation.slot, best)
+        return best
 
     def _copy_shared_prefix(self, slot: int, request: TextRequest) -> int:
         """Copy into the new ``slot`` the longest prefix of the request's prompt that another slot holds (idle
@@ -408,7 +446,7 @@ class TextScheduler:
             conversation.token_ids = request.computed_ids()
         if conversation.slot is None:
             return
-        if conversation.ephemeral or conversation.closed:
+        if conversation.closed or (conversation.ephemeral and self.config.min_shared_prefix == 0):
             self._drop_slot(conversation)
         elif conversation.id not in self._pending_releases:
             self._idle[conversation.id] = conversation

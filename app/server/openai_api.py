@@ -22,7 +22,6 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
-from app.engine.conversation import Conversation
 from app.engine.text_engine import TextEngine
 from app.engine.text_events import Generation, GenerationDone, TokenDelta, Usage
 from app.errors import (
@@ -360,13 +359,13 @@ async def _assign(state: ServerState, parsed: TextRequest) -> ServedVersion:
     return served
 
 
-def _start(state: ServerState, engine: TextEngine, conversation: Conversation | None,
-           parsed: TextRequest) -> Generation:
-    """Submit the request to the engine, translating its refusals into OpenAI errors."""
+def _start(state: ServerState, engine: TextEngine, parsed: TextRequest) -> Generation:
+    """Submit the request to the engine, translating its refusals into OpenAI errors. Requests are stateless: no
+    conversation is kept, but each one's KV cache stays behind as a prefix cache for the next (docs/protocol.md)."""
     try:
         params = sampling_params(parsed.sampling)
-        if conversation is not None:
-            return engine.chat(conversation, parsed.messages, params)
+        if parsed.kind == "chat":
+            return engine.chat_once(parsed.messages, params)
         return engine.complete(parsed.prompt, params)
     except ContextLengthError as exc:
         raise _bad_request(str(exc), "messages" if parsed.kind == "chat" else "prompt",
@@ -395,13 +394,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
     try:
         parsed, served = await _prepare(request, state, kind)
         engine: TextEngine = served.engine
-        conversation = engine.open_conversation() if kind == "chat" else None
-        try:
-            generation = _start(state, engine, conversation, parsed)
-        except BaseException:
-            if conversation is not None:
-                engine.close_conversation(conversation)
-            raise
+        generation = _start(state, engine, parsed)
     except OpenAIError as exc:
         state.metrics.errors.labels(_endpoint(kind), exc.code or exc.type).inc()
         return exc.response()
@@ -415,8 +408,6 @@ async def _serve(request: Request, kind: Kind) -> Response:
 
     def cleanup() -> None:
         generation.cancel()  # a no-op once it has finished
-        if conversation is not None:
-            engine.close_conversation(conversation)
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     shape = ReplyShape(kind, prefix + uuid.uuid4().hex, int(time.time()), served.name,
