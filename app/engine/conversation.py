@@ -14,6 +14,8 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 logger = logging.getLogger(__name__)
 
 _conversation_numbers = itertools.count(1)
@@ -24,13 +26,13 @@ def new_conversation_id() -> str:
 
 
 def common_prefix_length(left: Sequence[int], right: Sequence[int]) -> int:
-    """How many leading token ids the two sequences share."""
-    length = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        length += 1
-    return length
+    """How many leading token ids the two sequences share (compared in numpy: the scheduler matches every new
+    prompt against every cached slot on the event loop, and long shared prefixes are the common case)."""
+    n = min(len(left), len(right))
+    if n == 0:
+        return 0
+    differ = np.flatnonzero(np.asarray(left[:n], dtype=np.int64) != np.asarray(right[:n], dtype=np.int64))
+    return int(differ[0]) if differ.size else n
 
 
 @dataclass(eq=False)
