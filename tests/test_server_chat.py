@@ -25,10 +25,11 @@ def test_reply_streams_and_follow_up_reuses_the_cache(brook_server: RunningServe
             assert len(first.tokens) >= 3, "the reply streams as several token messages"
             assert "Paris" in first.text
             assert first.done["finish_reason"] == "stop"
-            # Only what other sessions of this server cached can be reused: at most the chat template's start.
+            # Only what other sessions of this server cached can be reused: the chat template's start (its default
+            # system prompt); the question itself (7 words and the turn's markers) is always computed.
             first_usage, first_timings = first.done["usage"], first.done["timings"]
-            assert first_usage["cached_tokens"] < first_usage["prompt_tokens"] // 2
             assert first_timings["prefill_tokens"] == first_usage["prompt_tokens"] - first_usage["cached_tokens"]
+            assert first_timings["prefill_tokens"] >= 8
             assert first.done["usage"]["completion_tokens"] >= len(first.tokens)
             assert first.done["timings"]["ttft_ms"] > 0
 
