@@ -31,8 +31,10 @@ in any call of two or more rows, which are bitwise the same whatever the other r
 layer, calls of 2 to 64 rows, 1 and 2 threads); v2's greedy replies then changed with the server's load (the
 engine tests caught it on such a machine; on the Intel AVX-512 machine before it they passed). So an int8 runner
 never runs the projections on one packed row: a call with one real token packs it twice (the copy is never
-attended to and never cached), and a call with one row computes its logits twice. Measured on that machine: 8.9
-against 8.5 ms of CPU for the 30 layers' matmuls, one thread; the output projection 3.2 against 2.6 ms.
+attended to and never cached), and a call with one row computes its logits twice, but only where a probe at
+start-up (one decode step each way, logits compared bitwise) finds that it changes results: it costs one more row
+in every projection (on that machine 12.3 against 7.8 ms of CPU for the 30 layers' matmuls, one thread, by
+``scripts/bench_llm_kernels``), and on the Intel AVX-512 machine the engine tests passed without it.
 """
 
 from __future__ import annotations
@@ -185,7 +187,7 @@ class LlamaRunner:
         # Decode-only calls of at most this many rows run one row per call (0: never); see FP32_SPLIT_DECODE_ROWS.
         int8_activations = int(config.get("accuracy_level", 0)) == 4
         self.split_decode_rows = 0 if int8_activations else FP32_SPLIT_DECODE_ROWS
-        self.min_packed_rows = 2 if int8_activations else 1  # see the module docstring: batch invariance
+        self.min_packed_rows = 1  # 2 where one-row projections round differently (module docstring), probed below
         self.cache = KVCache(
             KVCacheLayout(
                 self.n_layers,
@@ -204,6 +206,9 @@ class LlamaRunner:
         self._pending_copies: list[tuple[int, int, int]] = []  # (source, destination, length), see copy_prefix
         # written by the session in place; at least two rows for the doubled single row of int8 runners
         self._logits = np.empty((max(max_batch_size, 2), self.vocab_size), np.float32)
+        if int8_activations:
+            self.min_packed_rows = 2 if self._one_row_calls_round_differently() else 1
+            logger.info("int8 runner: one-token calls packed %d time(s) (batch invariance)", self.min_packed_rows)
 
     def _check_session(self) -> None:
         inputs = {i.name for i in self.session.get_inputs()}
@@ -244,6 +249,23 @@ class LlamaRunner:
                 binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, pointer)
         self._bindings[(first_slot, end_slot)] = binding
         return binding
+
+    def _one_row_calls_round_differently(self) -> bool:
+        """Whether this processor's kernels give a lone decode row other numbers than the same row packed twice (the
+        layout of every call of two or more rows): one decode step each way on a scratch slot, logits compared
+        bitwise. Packing twice costs one more row in every projection (measured on the AVX2 machine: 12.3 against
+        7.8 ms of CPU for the layers' matmuls), so it is only done where it changes results."""
+        slot = self.cache.allocate()
+        try:
+            self.step([StepInput(slot, [1, 2, 3])])
+            self.min_packed_rows = 1
+            alone = self.step([StepInput(slot, [4])])[0].copy()
+            self.cache.truncate(slot, 3)
+            self.min_packed_rows = 2
+            packed_twice = self.step([StepInput(slot, [4])])[0].copy()
+            return not np.array_equal(alone, packed_twice)
+        finally:
+            self.cache.free(slot)
 
     # -- slots ---------------------------------------------------------------------------------------------------
 
