@@ -110,3 +110,28 @@ def test_build_is_idempotent_and_rebuilds_a_tampered_version(
     assert loaded.manifest.graph("vad").input_names() == ["input", "state", "sr"]
     assert loaded.manifest.config["frame_samples"] == 512
     assert np.isclose(loaded.manifest.files["vad.onnx"].bytes, vad_file.stat().st_size)
+
+
+def test_an_sdist_is_fetched_by_name_with_its_build_constraints(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the sdist itself comes as source (its build dependencies as wheels), and its build constraints reach
+    the build environment that pip prepares its metadata in."""
+    seen: dict[str, Any] = {}
+
+    def fake_pip(command: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
+        seen["command"], seen["env"] = command, kwargs["env"]
+        if "--build-constraint" in command:
+            seen["constraints"] = Path(command[command.index("--build-constraint") + 1]).read_text()
+        return subprocess.CompletedProcess(command, 1, stdout="no index here")
+
+    monkeypatch.setattr(subprocess, "run", fake_pip)
+    source = SourceSpec("toysdist", "2.0", "toysdist-2.0.tar.gz", "0" * 64, {}, ("scikit-build-core<0.10",))
+    with pytest.raises(FetchError, match="could not download toysdist==2.0"):
+        fetch_distribution(source, tmp_path / "cache")
+    command = seen["command"]
+    assert command[command.index("--no-binary") + 1] == "toysdist" and ":all:" not in command
+    if "--build-constraint" in command:  # pip >= 25.3
+        assert seen["constraints"] == "scikit-build-core<0.10\n"
+    else:
+        assert seen["env"]["PIP_CONSTRAINT"].endswith("build-constraints.txt")
