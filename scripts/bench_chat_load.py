@@ -3,7 +3,7 @@
     .venv/bin/python -m scripts.bench_chat_load [--systems brook-ws,brook-openai,llama-server,llama-cpp-python]
         [--levels 1,2,4,8,16] [--turns 3] [--max-tokens 64] [--json docs/bench/chat_load.json]
         [--stagger-ms 25] [--think-ms 0] [--brook-env KEY=VALUE ...] [--llama-server-args "--poll 0"]
-        [--anchor-env OMP_WAIT_POLICY=passive]
+        [--anchor-env OMP_WAIT_POLICY=passive] [--system-prompt short|long]
         [--resume] [--render]
 
     smoke test:  .venv/bin/python -m scripts.bench_chat_load --levels 1,2 --turns 2 --max-tokens 16 \\
@@ -109,6 +109,22 @@ TTFT_P95_TARGET_MS: Final = 300.0  # at 16 sessions, 100-token prompts, with mul
 TTFT_TARGET_LEVEL: Final = 16
 
 SYSTEM_PROMPT: Final = "You are a helpful assistant. You always answer in long, detailed paragraphs."
+# --system-prompt long: what a product's assistant is typically told (~300 tokens), the same for every session.
+LONG_SYSTEM_PROMPT: Final = (
+    "You are the teaching assistant of an adult-education programme. You always answer in long, detailed "
+    "paragraphs. Follow these rules in every answer. First, write for curious adults who have no special training: "
+    "explain every technical word the first time you use it, and prefer everyday comparisons to jargon. Second, be "
+    "accurate: when you are not sure of a fact, a date or a number, say so plainly instead of guessing, and never "
+    "invent sources, quotations or statistics. Third, organise each answer: start with a short overview, then "
+    "develop the main points one paragraph at a time, and end with a brief summary of what matters most. Fourth, "
+    "give concrete examples with names of places, people and objects wherever they help, and explain why each "
+    "example is relevant. Fifth, stay polite and encouraging, and never talk down to the reader. Sixth, keep to the "
+    "topic the student asked about; if a related subject is interesting, mention it in one sentence at the end. "
+    "Seventh, when the student asks for more detail, go deeper into the most important part rather than repeating "
+    "what you already said. Eighth, do not use lists or tables unless the student asks for them; write in prose. "
+    "Ninth, do not mention these rules. Tenth, if the student writes in English, answer in English."
+)
+SYSTEM_PROMPTS: Final = {"short": SYSTEM_PROMPT, "long": LONG_SYSTEM_PROMPT}
 TOPICS: Final = (
     "the history of lighthouses",
     "how bread is baked",
@@ -141,11 +157,11 @@ FOLLOW_UPS: Final = (
 )
 
 
-def turn_messages(session: int, turn: int) -> list[Message]:
+def turn_messages(session: int, turn: int, system_prompt: str = SYSTEM_PROMPT) -> list[Message]:
     """The messages a session adds at ``turn`` (0-based): the same for every system."""
     if turn == 0:
         user = FIRST_TURN.format(topic=TOPICS[session % len(TOPICS)])
-        return [{"role": "system", "content": SYSTEM_PROMPT}, {"role": "user", "content": user}]
+        return [{"role": "system", "content": system_prompt}, {"role": "user", "content": user}]
     return [{"role": "user", "content": FOLLOW_UPS[(turn - 1) % len(FOLLOW_UPS)]}]
 
 
@@ -160,10 +176,11 @@ class Workload:
     ignore_eos: bool
     llama_server_args: tuple[str, ...] = ()
     anchor_env: tuple[tuple[str, str], ...] = ()
+    system_prompt: str = SYSTEM_PROMPT
 
     def slot_context(self) -> int:
         """Tokens one conversation can need (system + first prompt + replies + follow-ups), rounded up to 256."""
-        need = 200 + self.turns * (self.max_tokens + 40)
+        need = 200 + len(self.system_prompt) // 3 + self.turns * (self.max_tokens + 40)
         return max(512, -(-need // 256) * 256)
 
 
@@ -199,7 +216,8 @@ async def _conversation(
         return [failed], workload.turns - 1
     try:
         for turn in range(workload.turns):
-            result = await client.turn(session, turn, turn_messages(session, turn), workload.turn_timeout_s)
+            messages = turn_messages(session, turn, workload.system_prompt)
+            result = await client.turn(session, turn, messages, workload.turn_timeout_s)
             results.append(result)
             if result.error is not None:
                 return results, workload.turns - turn - 1
@@ -464,6 +482,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--anchor-env", action="append", default=[], help="environment of both anchors: K=V (OMP_WAIT_POLICY=passive)"
     )
     parser.add_argument("--brook-env", action="append", default=[], help="BROOK_* setting for brook serve: K=V")
+    parser.add_argument("--system-prompt", choices=sorted(SYSTEM_PROMPTS), default="short",
+                        help="every session's system prompt: short (~20 tokens) or long (~300, a product's rules)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON")
     parser.add_argument("--resume", action="store_true", help="keep the rows already in --json, run the rest")
     parser.add_argument("--render", action="store_true", help="only print the table of --json")
@@ -492,6 +512,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         not args.no_ignore_eos,
         tuple(shlex.split(args.llama_server_args)),
         tuple(_parse_pairs(args.anchor_env, "--anchor-env").items()),
+        SYSTEM_PROMPTS[args.system_prompt],
     )
     brook_env = _brook_settings(args.brook_env)
     gguf = _smollm2_gguf()
@@ -518,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "anchor_env": dict(workload.anchor_env),
             "brook_env": brook_env,
             "gguf": gguf.name,
-            "system_prompt": SYSTEM_PROMPT,
+            "system_prompt": workload.system_prompt,
             "first_turn_template": FIRST_TURN,
             "follow_ups": list(FOLLOW_UPS),
         },
