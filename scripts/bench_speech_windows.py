@@ -13,7 +13,8 @@ word).
         [--partial-interval-s 0.5] [--max-utterance-s 20] [--batch 16] [--whisper-version 1]
 
 A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn ``DecodePolicy.stop_loops`` off and
-``:nocontinue`` to turn off the continuation of finals that stop early (``DecodePolicy.continue_tail_s``); the
+``:nocontinue`` to turn off the continuation of finals that stop early (``DecodePolicy.continue_tail_s``), and
+``:silencepad`` to pad windows with silent audio instead of log-mel zeros (``DecodePolicy.silence_padding``); the
 ``cont`` column counts the continuation windows decoded.
 """
 
@@ -168,6 +169,7 @@ def main() -> int:
             bucket_s=bucket,
             stop_loops="noloop" not in fields,
             continue_tail_s=None if "nocontinue" in fields else DecodePolicy.continue_tail_s,
+            silence_padding="silencepad" in fields,
         )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0

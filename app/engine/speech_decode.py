@@ -64,6 +64,7 @@ class DecodePolicy:
     compression_ratio_threshold: float = 2.4  # a partial whose text compresses more than this is not shown
     stop_loops: bool = True  # stop a row's decoding once it ends in repeat_limit copies of an n-gram
     continue_tail_s: float | None = 2.0  # a final whose timestamps end this long before its audio is decoded on
+    silence_padding: bool = False  # pad windows with silent audio, not log-mel zeros (worse: see window_features)
     max_continuations: int = 2  # continuation windows per final at most
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
@@ -148,8 +149,15 @@ def window_text_from_tokens(tokens: Sequence[int], runner: WhisperRunner) -> str
     return " ".join(runner.tokenizer.decode(list(tokens)).split())
 
 
-def window_features(audio: np.ndarray, frames: int, n_mels: int) -> np.ndarray:
-    """Log-mel [n_mels, frames] of the audio, zero-padded in the log-mel domain (as offline transcription pads)."""
+def window_features(audio: np.ndarray, frames: int, n_mels: int, *, silence_padding: bool = False) -> np.ndarray:
+    """Log-mel [n_mels, frames] of the audio, zero-padded in the log-mel domain (as offline transcription pads).
+
+    ``silence_padding``: zero-pad the audio before the log-mel instead, so the padding sits at the spectrogram's
+    floor. Measured (``DecodePolicy.silence_padding``): finals on the labelled corpora 7.5% WER against 8.3%, but on
+    the meeting and telephone clips finals 0.61 against 0.41 WER vs offline and partials 0.57 against 0.17 error
+    (Whisper writes words into the silent padding), so it is off."""
+    if silence_padding and audio.shape[0] < frames * HOP_LENGTH:
+        audio = np.pad(audio, (0, frames * HOP_LENGTH - audio.shape[0]))
     if audio.shape[0] < MIN_WINDOW_SAMPLES:
         audio = np.pad(audio, (0, MIN_WINDOW_SAMPLES - audio.shape[0]))
     mel = log_mel_spectrogram(audio, n_mels=n_mels, padding_samples=TRANSCRIBE_PADDING_SAMPLES)
@@ -189,7 +197,8 @@ def transcribe_group(
         raise ValueError(f"expected windows of one frame count per group, got {sorted(frames)}")
     n_mels = int(runner.config["n_mels"])
     started = time.perf_counter()
-    mel = np.stack([window_features(job.audio, job.frames, n_mels) for job in jobs])
+    padding = policy.silence_padding
+    mel = np.stack([window_features(job.audio, job.frames, n_mels, silence_padding=padding) for job in jobs])
     featured = time.perf_counter()
     encoded = runner.encode(mel)
     encoded_at = time.perf_counter()
@@ -268,7 +277,8 @@ def _continue_early_finals(
         still: list[_Continuation] = []
         for frames, group in by_frames.items():
             audios = [jobs[state.row].audio[state.offset :] for state in group]
-            encoded = runner.encode(np.stack([window_features(audio, frames, n_mels) for audio in audios]))
+            features = [window_features(a, frames, n_mels, silence_padding=policy.silence_padding) for a in audios]
+            encoded = runner.encode(np.stack(features))
             prompts = [[sot_prev, *state.text_tokens[-max_previous:], runner.sot] for state in group]
             limits = [
                 max(1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1, policy.token_limit(len(audio))))
