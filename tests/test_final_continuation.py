@@ -55,11 +55,20 @@ def test_continuation_starts_at_the_last_timestamp_when_enough_audio_is_left() -
     assert continuation_offset(0, final_job(10 * SECOND), result(single_ending), policy, TIMESTAMP_BEGIN) == 3 * SECOND
 
 
-def test_no_continuation_without_eot_progress_or_enough_audio() -> None:
+def test_a_loop_stop_continues_from_its_last_timestamp_too() -> None:
+    """A row stopped by the loop stop or the token limit (no EOT) seeks to its last timestamp like offline
+    transcription, which decodes the unfinished segment after it again."""
+    looping = [stamp(0), 11, stamp(1.0), stamp(1.0), 11, stamp(2.0), stamp(2.0), 11, 11, 11]
+    job = final_job(12 * SECOND)
+    assert continuation_offset(0, job, result(looping, reached_eot=False), DecodePolicy(), TIMESTAMP_BEGIN) == (
+        2 * SECOND
+    )
+
+
+def test_no_continuation_without_progress_or_enough_audio() -> None:
     policy = DecodePolicy()
     tokens = [stamp(0), 11, 12, stamp(5.0)]
     job = final_job(12 * SECOND)
-    assert continuation_offset(0, job, result(tokens, reached_eot=False), policy, TIMESTAMP_BEGIN) is None  # a limit
     assert continuation_offset(0, final_job(6 * SECOND), result(tokens), policy, TIMESTAMP_BEGIN) is None  # 1 s left
     assert continuation_offset(0, job, result([stamp(0)]), policy, TIMESTAMP_BEGIN) is None  # no progress
     assert continuation_offset(0, job, result([11, 12]), policy, TIMESTAMP_BEGIN) is None  # no timestamp at all

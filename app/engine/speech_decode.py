@@ -15,12 +15,13 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
 - the offline no-speech rule: no text when P(no speech) > 0.6 while the average log-probability is < -1.0;
 - a partial whose text still compresses too well (zlib ratio > 2.4, a loop ``collapse_repeats`` missed) is not
   shown (a final keeps its collapsed text);
-- continuation: a final whose decoding ends (EOT) with its last timestamp ``continue_tail_s`` or more before the end
-  of its audio is decoded on from that timestamp, prompted with the text so far (as offline transcription seeks
-  to the last timestamp and conditions on the previous text), at most ``max_continuations`` times. Whisper
-  sometimes closes a long window after its first sentences (seen: 24 s of speech transcribed as "Hello."; on the
-  telephone recording cut at 6.5-28.5 s the first decode stops at 18.6 s and the continuation adds "They all call
-  me a Yankee down here."); without this the rest of the utterance was lost.
+- continuation: a final whose decoding stops (EOT, or the loop stop) with its last timestamp ``continue_tail_s`` or
+  more before the end of its audio is decoded on from that timestamp, prompted with the text so far (as offline
+  transcription seeks to the last timestamp, drops the unfinished segment after it and conditions on the previous
+  text), at most ``max_continuations`` times. Whisper sometimes closes a long window after its first sentences (on
+  the telephone recording cut at 6.5-28.5 s the first decode stops at 18.6 s and the continuation adds "They all
+  call me a Yankee down here."), and a window that starts "Hello? Hello? Hello? Hello?" trips the loop stop (a
+  browser test saw 24 s of speech end as the final "Hello."); without this the rest of the utterance was lost.
 
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
@@ -262,8 +263,9 @@ def _continue_early_finals(
             continue
         offset = continuation_offset(0, job, result, policy, timestamp_begin)
         if offset is not None:
-            text_tokens = [token for token in result.tokens if token < timestamp_begin]
-            active.append(_Continuation(row, offset, list(result.tokens), text_tokens, result, job.max_new_tokens))
+            kept = _through_last_timestamp(result.tokens, timestamp_begin)
+            text_tokens = [token for token in kept if token < timestamp_begin]
+            active.append(_Continuation(row, offset, kept, text_tokens, result, job.max_new_tokens))
     done: dict[int, tuple[DecodeResult, int, int]] = {}
     n_mels = int(runner.config["n_mels"])
     sot_prev = int(runner.config["sot_prev"])
@@ -290,8 +292,11 @@ def _continue_early_finals(
                 if _is_no_speech(result, policy):
                     done[state.row] = (state.result, state.max_new_tokens, state.rounds)
                     continue
-                state.tokens += result.tokens
-                state.text_tokens += [token for token in result.tokens if token < timestamp_begin]
+                offset = continuation_offset(state.offset, jobs[state.row], result, policy, timestamp_begin)
+                going_on = offset is not None and state.rounds < policy.max_continuations
+                new_tokens = _through_last_timestamp(result.tokens, timestamp_begin) if going_on else result.tokens
+                state.tokens += new_tokens
+                state.text_tokens += [token for token in new_tokens if token < timestamp_begin]
                 state.max_new_tokens += limit
                 state.result = DecodeResult(
                     tokens=state.tokens,
@@ -301,8 +306,7 @@ def _continue_early_finals(
                     text=runner.tokenizer.decode(state.text_tokens),
                     reached_eot=result.reached_eot,
                 )
-                offset = continuation_offset(state.offset, jobs[state.row], result, policy, timestamp_begin)
-                if offset is not None and state.rounds < policy.max_continuations:
+                if going_on and offset is not None:
                     state.offset = offset
                     still.append(state)
                 else:
@@ -314,9 +318,10 @@ def _continue_early_finals(
 def continuation_offset(
     offset: int, job: WindowJob, last: DecodeResult, policy: DecodePolicy, timestamp_begin: int
 ) -> int | None:
-    """Where to continue when ``last``, the decoding of ``job.audio[offset:]``, reached EOT with its last timestamp
-    at least ``continue_tail_s`` before the audio's end: the sample of that timestamp; None otherwise."""
-    if not last.reached_eot or policy.continue_tail_s is None:
+    """Where to continue when ``last``, the decoding of ``job.audio[offset:]``, stopped (EOT, the loop stop or the
+    token limit) with its last timestamp at least ``continue_tail_s`` before the audio's end: the sample of that
+    timestamp; None otherwise."""
+    if policy.continue_tail_s is None:
         return None
     stamps = [token for token in last.tokens if token >= timestamp_begin]
     if not stamps or stamps[-1] == timestamp_begin:
@@ -325,6 +330,13 @@ def continuation_offset(
     if job.audio.shape[0] - until < policy.continue_tail_s * SAMPLE_RATE_HZ:
         return None
     return until
+
+
+def _through_last_timestamp(tokens: Sequence[int], timestamp_begin: int) -> list[int]:
+    """The tokens up to and including the last timestamp: an unfinished segment after it is decoded again by the
+    continuation that starts there."""
+    last = max((index for index, token in enumerate(tokens) if token >= timestamp_begin), default=-1)
+    return list(tokens[: last + 1])
 
 
 def _is_no_speech(result: DecodeResult, policy: DecodePolicy) -> bool:
