@@ -366,4 +366,10 @@ def _window_text(
     text = "" if no_speech else window_text_from_tokens(collapsed_tokens, runner)
     if job.kind == "partial" and text and compression_ratio(text) > policy.compression_ratio_threshold:
         text = ""
+    if job.kind == "final" and hit_limit:
+        logger.info(
+            "a final of %.1f s stopped without EOT (loop stop or token limit) after %d tokens, %d continuation(s): "
+            "%r; tokens %s",
+            job.audio.shape[0] / SAMPLE_RATE_HZ, len(kept), continuations, text[:80], kept[:40],
+        )
     return WindowText(job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations)
