@@ -36,6 +36,7 @@ class Settings:
     speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
+    chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level

@@ -483,6 +483,29 @@ def test_leaving_the_loop_early_cancels_the_generation(model: Model) -> None:
 # -- slots ---------------------------------------------------------------------------------------------------------
 
 
+def test_an_unused_one_off_cache_frees_its_slot_on_its_own_after_prefix_cache_idle_s(model: Model) -> None:
+    """No request arrives after the stateless reply: the engine wakes itself to free the cache it left behind,
+    while an open conversation keeps its slot."""
+    params = SamplingParams(temperature=0.0, max_tokens=4)
+
+    async def scenario() -> None:
+        async with running_engine(model, prefix_cache_idle_s=0.5) as engine:
+            conversation = engine.open_conversation()
+            await collect(engine.chat(conversation, [("user", PROMPTS[0])], params))
+            await collect(engine.chat_once([("user", PROMPTS[1])], params))
+            assert engine.slots_in_use == 2
+            for _ in range(300):
+                if engine.slots_in_use == 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.slots_in_use == 1 and conversation.slot is not None
+            again = await collect(engine.chat_once([("user", PROMPTS[1])], params))  # the engine still serves
+            assert again.done.finish_reason in ("stop", "length")
+
+    run(scenario())
+
+
+
 def test_a_new_conversation_reuses_the_system_prompt_another_one_cached(model: Model) -> None:
     """Sessions with the same system prompt prefill it once: the next session's first turn copies it from the
     first one's slot, and its greedy reply is the one it gets with sharing off."""

@@ -537,3 +537,75 @@ def test_without_sharing_a_one_off_request_frees_its_slot() -> None:
     scheduler.add(request)
     finish_all(scheduler, slots)
     assert scheduler.slots_in_use == 0 and request.conversation.slot is None
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_an_unused_one_off_cache_is_freed_after_cache_idle_s_and_conversations_keep_their_slots() -> None:
+    clock = FakeClock()
+    slots = FakeSlots(4)
+    scheduler = TextScheduler(slots, SchedulerConfig(4, 64, 16, min_shared_prefix=8, cache_idle_s=300.0), clock)
+    live = make_request(0, prompt=list(range(300, 320)))
+    one_off = make_request(0, Conversation(ephemeral=True), prompt=list(range(400, 420)))
+    scheduler.add(live)
+    scheduler.add(one_off)
+    assert scheduler.next_cache_expiry() is None  # nothing is an idle one-off cache yet
+    finish_all(scheduler, slots)
+    assert scheduler.next_cache_expiry() == 1300.0
+    clock.now = 1299.0
+    step(scheduler, slots)
+    assert one_off.conversation.slot is not None and scheduler.slots_in_use == 2
+    clock.now = 1300.0
+    output, _ = step(scheduler, slots)
+    assert not output.rows and not output.evicted  # freed for age, not evicted for a request
+    assert one_off.conversation.slot is None and live.conversation.slot is not None
+    assert scheduler.idle_conversations() == (live.conversation,) and scheduler.next_cache_expiry() is None
+    check_slot_mirror(scheduler, slots)
+    clock.now = 10_000.0
+    step(scheduler, slots)
+    assert live.conversation.slot is not None  # a conversation's cache never expires
+
+
+def test_a_cache_used_again_restarts_its_idle_time_and_a_taken_over_one_is_forgotten() -> None:
+    clock = FakeClock()
+    slots = FakeSlots(2)
+    scheduler = TextScheduler(slots, SchedulerConfig(2, 64, 16, min_shared_prefix=8, cache_idle_s=60.0), clock)
+    history = list(range(100, 140))
+    first = make_request(0, Conversation(ephemeral=True), prompt=history)
+    scheduler.add(first)
+    finish_all(scheduler, slots)
+    clock.now += 50.0
+    second = make_request(0, Conversation(ephemeral=True), prompt=[*history, SAMPLED_TOKEN, 7, 8])
+    scheduler.add(second)
+    assert scheduler.next_cache_expiry() == 1060.0
+    step(scheduler, slots)  # takes the first request's slot over
+    assert first.conversation.slot is None and scheduler.next_cache_expiry() is None
+    finish_all(scheduler, slots)
+    assert scheduler.next_cache_expiry() == 1110.0  # the idle time starts again when the second request ends
+    clock.now = 1100.0
+    step(scheduler, slots)
+    assert second.conversation.slot is not None
+    clock.now = 1110.0
+    step(scheduler, slots)
+    assert second.conversation.slot is None and scheduler.slots_in_use == 0
+    check_slot_mirror(scheduler, slots)
+
+
+def test_cache_idle_s_zero_keeps_one_off_caches_until_their_slot_is_needed() -> None:
+    clock = FakeClock()
+    slots = FakeSlots(2)
+    scheduler = TextScheduler(slots, SchedulerConfig(2, 64, 16, min_shared_prefix=8, cache_idle_s=0.0), clock)
+    one_off = make_request(0, Conversation(ephemeral=True), prompt=list(range(400, 420)))
+    scheduler.add(one_off)
+    finish_all(scheduler, slots)
+    clock.now += 1e9
+    step(scheduler, slots)
+    assert one_off.conversation.slot is not None and scheduler.next_cache_expiry() is None
+    with pytest.raises(ValueError, match="cache_idle_s"):
+        SchedulerConfig(2, 64, 16, cache_idle_s=-1.0)

@@ -16,6 +16,7 @@ If the loop crashes, or the engine shuts down, every pending generation ends by 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import time
@@ -74,6 +75,8 @@ class TextEngineSettings:
     intra_op_threads: int = 2  # onnxruntime threads of the runner (used by ``from_directory``)
     max_waiting_requests: int = 64  # generations that may queue while every KV slot is generating; then OverloadedError
     min_shared_prefix: int = 8  # a conversation's first turn copies another slot's cached prefix this long; 0: never
+    # A finished one-off request's slot (kept as a prefix cache) unused this long is freed; 0: kept until needed.
+    prefix_cache_idle_s: float = 300.0
     warmup: bool = True  # run one tiny prefill and decode at start()
 
     def __post_init__(self) -> None:
@@ -81,8 +84,8 @@ class TextEngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TextEngineSettings.{name} should be a positive integer, got {value!r}")
-        for name in ("max_waiting_requests", "min_shared_prefix"):
-            if getattr(self, name) < 0:
+        for name in ("max_waiting_requests", "min_shared_prefix", "prefix_cache_idle_s"):
+            if not getattr(self, name) >= 0:
                 raise ValueError(f"TextEngineSettings.{name} should be >= 0, got {getattr(self, name)}")
 
 
@@ -144,6 +147,7 @@ class TextEngine:
                 token_budget=max(self.settings.prefill_chunk_tokens, num_slots),
                 max_waiting=self.settings.max_waiting_requests,
                 min_shared_prefix=self.settings.min_shared_prefix,
+                cache_idle_s=self.settings.prefix_cache_idle_s,
             ),
         )
         self._sampler = Sampler()
@@ -300,8 +304,9 @@ class TextEngine:
 
     def chat_once(self, messages: Sequence[tuple[str, str]], params: SamplingParams) -> Generation:
         """A reply to a whole message list with no conversation kept (the OpenAI routes). Its KV cache stays behind
-        as a prefix cache once it ends, until its slot is needed: a next request whose messages start the same way
-        (the same conversation one turn later, or the same system prompt) takes it over instead of prefilling."""
+        as a prefix cache once it ends, until its slot is needed or ``prefix_cache_idle_s`` passes unused: a next
+        request whose messages start the same way (the same conversation one turn later, or the same system prompt)
+        takes it over instead of prefilling."""
         self._check_alive()
         history = [(str(role), str(content)) for role, content in messages]
         return self._submit(Conversation(ephemeral=True), self._chat_prompt_ids(history), params)
@@ -386,7 +391,7 @@ class TextEngine:
             output = self._scheduler.schedule()
             self._end_aborted(output.aborted)
             if not output.rows:
-                await self._wake.wait()
+                await self._wait_for_work()
                 continue
             inputs = [StepInput(row.slot, row.token_ids) for row in output.rows]
             sample_rows = [position for position, row in enumerate(output.rows) if row.samples]
@@ -415,6 +420,16 @@ class TextEngine:
             self._notify_observer(
                 "on_step", len(output.rows), output.prefill_tokens, output.decode_tokens, finished - started
             )
+
+    async def _wait_for_work(self) -> None:
+        """Sleep until a request, abort or release arrives, or until the next one-off cache expires (the next
+        ``schedule`` frees it)."""
+        expiry = self._scheduler.next_cache_expiry()
+        if expiry is None:
+            await self._wake.wait()
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), timeout=max(0.0, expiry - time.monotonic()))
 
     def _notify_observer(self, hook: str, *args: float) -> None:
         """Call a metrics hook; a failing hook is logged, never allowed to stop the engine."""

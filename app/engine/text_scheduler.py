@@ -20,6 +20,8 @@ prefix cache; a request whose best match is one takes the slot over (truncated t
 copying from it, so a stateless client that resends a growing history prefills only what is new. When a request
 needs a slot and none is free, the least recently used *idle* conversation (holding a slot but no request; the
 caches of one-off requests first) loses its slot. Only when every slot is held by a request does a request wait.
+A one-off request's cache that nobody has used for ``cache_idle_s`` is freed at the next ``schedule`` (the engine
+wakes itself for it: ``next_cache_expiry``), so memory returns to idle once stateless traffic stops.
 
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
@@ -30,8 +32,9 @@ from __future__ import annotations
 
 import enum
 import logging
+import time
 from collections import OrderedDict, deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -121,6 +124,7 @@ class SchedulerConfig:
     token_budget: int  # most tokens (prefill + decode) in one step; at least num_slots so prefill always advances
     max_waiting: int  # requests that may wait beyond the slots that can take them; more raise OverloadedError
     min_shared_prefix: int = 8  # a new slot copies another slot's cached prefix of at least this many tokens; 0: never
+    cache_idle_s: float = 0.0  # a one-off request's cache unused this long is freed; 0: kept until its slot is needed
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -134,6 +138,8 @@ class SchedulerConfig:
             raise ValueError(f"max_waiting should be >= 0, got {self.max_waiting}")
         if self.min_shared_prefix < 0:
             raise ValueError(f"min_shared_prefix should be >= 0, got {self.min_shared_prefix}")
+        if not self.cache_idle_s >= 0:  # rejects NaN too
+            raise ValueError(f"cache_idle_s should be >= 0, got {self.cache_idle_s}")
 
 
 @dataclass(frozen=True)
@@ -170,13 +176,17 @@ class SchedulerOutput:
 class TextScheduler:
     """Waiting and running queues, the per-step token budget, and the conversations' KV slots."""
 
-    def __init__(self, slots: SlotPool, config: SchedulerConfig) -> None:
+    def __init__(
+        self, slots: SlotPool, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic
+    ) -> None:
         self.config = config
         self._slots = slots
+        self._clock = clock
         self._waiting: deque[TextRequest] = deque()
         self._running: list[TextRequest] = []
         self._requests: dict[str, TextRequest] = {}  # waiting + running, by id
         self._idle: OrderedDict[str, Conversation] = OrderedDict()  # slot holders without a request, LRU first
+        self._cache_since: dict[str, float] = {}  # idle one-off caches: when their request ended (clock seconds)
         self._slots_in_use = 0
         self._pending_aborts: list[str] = []
         self._pending_releases: dict[str, Conversation] = {}
@@ -213,6 +223,12 @@ class TextScheduler:
         """Conversations holding a slot without a request, least recently used first."""
         return tuple(self._idle.values())
 
+    def next_cache_expiry(self) -> float | None:
+        """When (clock seconds) the oldest idle one-off cache expires; None if none will."""
+        if self.config.cache_idle_s <= 0 or not self._cache_since:
+            return None
+        return min(self._cache_since.values()) + self.config.cache_idle_s
+
     # -- commands from the engine ----------------------------------------------------------------------------------
 
     def add(self, request: TextRequest) -> None:
@@ -232,7 +248,7 @@ class TextScheduler:
                 "already wait; try again later"
             )
         conversation.active_request_id = request.request_id
-        self._idle.pop(conversation.id, None)
+        self._leave_idle(conversation.id)
         # A release still queued (a reset while a step was in flight) must not drop the new turn's cache; the slot's
         # tokens stay exact, so reusing their common prefix with the new prompt is still correct.
         self._pending_releases.pop(conversation.id, None)
@@ -280,8 +296,9 @@ class TextScheduler:
         self._end(request, status)
 
     def schedule(self) -> SchedulerOutput:
-        """Apply pending aborts and releases, then choose this step's rows."""
+        """Apply pending aborts and releases, free expired one-off caches, then choose this step's rows."""
         aborted = self.apply_pending()
+        self._free_expired_caches()
         rows: list[ScheduledRow] = []
         budget = self.config.token_budget
         # Decode rows first: a stream in progress never waits behind a prompt.
@@ -405,7 +422,7 @@ class TextScheduler:
         if any(min(common_prefix_length(r.computed_ids(), prompt), len(prompt) - 1) > best for r in self._running):
             return None  # a running request holds more of it: copy from there instead
         conversation = request.conversation
-        del self._idle[best_cache.id]
+        self._leave_idle(best_cache.id)
         conversation.slot, best_cache.slot = best_cache.slot, None
         assert conversation.slot is not None
         if best < len(best_cache.token_ids):
@@ -451,10 +468,27 @@ class TextScheduler:
         elif conversation.id not in self._pending_releases:
             self._idle[conversation.id] = conversation
             self._idle.move_to_end(conversation.id)
+            if conversation.ephemeral:
+                self._cache_since[conversation.id] = self._clock()
+
+    def _leave_idle(self, conversation_id: str) -> None:
+        self._idle.pop(conversation_id, None)
+        self._cache_since.pop(conversation_id, None)
+
+    def _free_expired_caches(self) -> None:
+        if self.config.cache_idle_s <= 0 or not self._cache_since:
+            return
+        expired_before = self._clock() - self.config.cache_idle_s
+        for conversation_id, since in list(self._cache_since.items()):
+            if since <= expired_before:
+                conversation = self._idle[conversation_id]
+                logger.debug("freeing slot %s: one-off cache %s unused for %.0f s", conversation.slot,
+                             conversation_id, self.config.cache_idle_s)
+                self._drop_slot(conversation)
 
     def _drop_slot(self, conversation: Conversation) -> None:
         """Free the conversation's slot; its token ids stay (they describe its last turn)."""
-        self._idle.pop(conversation.id, None)
+        self._leave_idle(conversation.id)
         if conversation.slot is None:
             return
         self._slots.free_slot(conversation.slot)

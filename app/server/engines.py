@@ -77,7 +77,9 @@ def _build_text(loaded: LoadedVersion, settings: Settings, metrics: Metrics) -> 
         loaded.directory,
         loaded.manifest.config,
         TextEngineSettings(
-            intra_op_threads=settings.chat_threads, min_shared_prefix=settings.chat_shared_prefix_min_tokens
+            intra_op_threads=settings.chat_threads,
+            min_shared_prefix=settings.chat_shared_prefix_min_tokens,
+            prefix_cache_idle_s=settings.chat_prefix_cache_idle_s,
         ),
         TextMetricsObserver(metrics, loaded.name, loaded.version),
     )
