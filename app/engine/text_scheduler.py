@@ -20,8 +20,8 @@ prefix cache; a request whose best match is one takes the slot over (truncated t
 copying from it, so a stateless client that resends a growing history prefills only what is new. When a request
 needs a slot and none is free, the least recently used *idle* conversation (holding a slot but no request; the
 caches of one-off requests first) loses its slot. Only when every slot is held by a request does a request wait.
-A one-off request's cache that nobody has used for ``cache_idle_s`` is freed at the next ``schedule`` (the engine
-wakes itself for it: ``next_cache_expiry``), so memory returns to idle once stateless traffic stops.
+A one-off request's cache that no request has taken over for ``cache_idle_s`` is freed at the next ``schedule``
+(the engine wakes itself for it: ``next_cache_expiry``), so memory returns to idle once stateless traffic stops.
 
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
