@@ -124,7 +124,7 @@ def test_fake_microphone_streams_partials_then_finals_that_match_offline_and_fee
     assert page.locator("#transcript li.partial").count() == 0
     heard = " ".join(finals)
     wer = word_error_rate(offline_transcript(model_repository, speech_clips["telephone"]), heard)
-    print(f"browser WER vs offline: {wer:.3f} over {len(finals)} finals")
+    print(f"browser WER vs offline: {wer:.3f} over {len(finals)} finals: {heard!r}")
     assert wer <= MAX_BROWSER_WER, (wer, heard)
     # The voice assistant sent every final as a user turn, in order, and each got a reply (or was cut by barge-in).
     page.wait_for_function("document.body.dataset.chat === 'idle' && document.querySelectorAll("
