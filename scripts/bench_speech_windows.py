@@ -14,8 +14,11 @@ word).
 
 A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn ``DecodePolicy.stop_loops`` off and
 ``:nocontinue`` to turn off the continuation of finals that stop early (``DecodePolicy.continue_tail_s``), and
-``:silencepad`` to pad windows with silent audio instead of log-mel zeros (``DecodePolicy.silence_padding``); the
-``cont`` column counts the continuation windows decoded.
+``:silencepad`` to pad windows with silent audio instead of log-mel zeros (``DecodePolicy.silence_padding``), and
+``:draftK`` to start each partial from the previous partial's text minus its last K tokens
+(``DecodePolicy.partial_draft_holdback``; the partials of an utterance are then decoded in order); the ``cont``
+column counts the continuation windows decoded, ``drafted`` the partial tokens taken from drafts instead of decoded,
+``tokens`` the tokens decoded.
 """
 
 from __future__ import annotations
@@ -30,7 +33,15 @@ import numpy as np
 import soundfile as sf
 
 from app.convert.sources import cache_dir
-from app.engine.speech_decode import DecodePolicy, PromptRules, WindowJob, WindowText, transcribe_group
+from app.engine.speech_decode import (
+    DecodePolicy,
+    PromptRules,
+    WindowJob,
+    WindowKind,
+    WindowText,
+    partial_draft,
+    transcribe_group,
+)
 from app.engine.speech_engine import SpeechEngineSettings
 from app.engine.speech_events import StreamOptions
 from app.engine.utterance import VAD_FRAME_SAMPLES, FinalDue, PartialDue, UtteranceSegmenter
@@ -82,37 +93,61 @@ def prefix_error(partial: str, final: str) -> tuple[int, int]:
     return best, len(words)
 
 
+def rounds(windows: list[Window], sequential: bool) -> list[list[int]]:
+    """Indices of the windows to decode together. With ``sequential`` (partial drafts on), the n-th partial of every
+    utterance goes in round n, after the partial whose text it starts from; finals go in the first round."""
+    if not sequential:
+        return [list(range(len(windows)))]
+    seen: dict[tuple[int, int], int] = {}
+    by_round: dict[int, list[int]] = {}
+    for index, window in enumerate(windows):
+        number = 0
+        if window.kind == "partial":
+            number = seen.get((window.clip, window.utterance), 0)
+            seen[(window.clip, window.utterance)] = number + 1
+        by_round.setdefault(number, []).append(index)
+    return [by_round[number] for number in sorted(by_round)]
+
+
 def run_policy(
     runner: WhisperRunner, clips: list[np.ndarray], windows: list[Window], policy: DecodePolicy, batch: int
 ) -> tuple[dict[int, list[tuple[Window, WindowText]]], dict[str, float]]:
     rules = PromptRules.from_config(runner.config)
-    jobs = []
-    for index, window in enumerate(windows):
-        audio = clips[window.clip][window.start : window.end]
-        frames = policy.window_frames(
-            audio.shape[0], "final" if window.kind == "final" else "partial", runner.max_frames
-        )
-        jobs.append(WindowJob(index, window.kind, audio, frames, policy.token_limit(audio.shape[0])))  # type: ignore[arg-type]
-    by_frames: dict[int, list[WindowJob]] = {}
-    for job in jobs:
-        by_frames.setdefault(job.frames, []).append(job)
     texts: dict[int, WindowText] = {}
+    frames_used: list[int] = []
+    drafts: dict[tuple[int, int], tuple[int, ...]] = {}  # (clip, utterance) -> the last partial's text tokens
     stats = {"encode_s": 0.0, "decode_s": 0.0, "cpu_s": 0.0, "wall_s": 0.0}
-    for group in by_frames.values():
-        for first in range(0, len(group), batch):
-            chunk = group[first : first + batch]
-            cpu, wall = time.process_time(), time.perf_counter()
-            results, timing = transcribe_group(runner, chunk, policy, rules)
-            stats["cpu_s"] += time.process_time() - cpu
-            stats["wall_s"] += time.perf_counter() - wall
-            stats["encode_s"] += timing.features_s + timing.encode_s
-            stats["decode_s"] += timing.decode_s
-            texts.update((result.key, result) for result in results)
+    for indices in rounds(windows, sequential=policy.partial_draft_holdback is not None):
+        by_frames: dict[int, list[WindowJob]] = {}
+        for index in indices:
+            window = windows[index]
+            audio = clips[window.clip][window.start : window.end]
+            kind: WindowKind = "final" if window.kind == "final" else "partial"
+            frames = policy.window_frames(audio.shape[0], kind, runner.max_frames)
+            draft = partial_draft(drafts.get((window.clip, window.utterance), ()), policy) if kind == "partial" else ()
+            job = WindowJob(index, kind, audio, frames, policy.token_limit(audio.shape[0]), draft)
+            by_frames.setdefault(job.frames, []).append(job)
+            frames_used.append(frames)
+        for group in by_frames.values():
+            for first in range(0, len(group), batch):
+                chunk = group[first : first + batch]
+                cpu, wall = time.process_time(), time.perf_counter()
+                results, timing = transcribe_group(runner, chunk, policy, rules)
+                stats["cpu_s"] += time.process_time() - cpu
+                stats["wall_s"] += time.perf_counter() - wall
+                stats["encode_s"] += timing.features_s + timing.encode_s
+                stats["decode_s"] += timing.decode_s
+                texts.update((result.key, result) for result in results)
+        for index in indices:
+            window = windows[index]
+            if window.kind == "partial" and texts[index].text_tokens:
+                drafts[(window.clip, window.utterance)] = texts[index].text_tokens
     per_clip: dict[int, list[tuple[Window, WindowText]]] = {}
     for index, window in enumerate(windows):
         per_clip.setdefault(window.clip, []).append((window, texts[index]))
-    stats["frames_mean"] = float(np.mean([job.frames for job in jobs]))
-    stats["tokens"] = float(sum(text.n_tokens for text in texts.values()))
+    stats["frames_mean"] = float(np.mean(frames_used))
+    stats["tokens"] = float(sum(text.n_tokens - text.drafted for text in texts.values()))
+    stats["drafted"] = float(sum(text.drafted for text in texts.values()))
     stats["token_limit_hits"] = float(sum(text.hit_token_limit for text in texts.values()))
     stats["continuations"] = float(sum(text.continuations for text in texts.values()))
     return per_clip, stats
@@ -158,7 +193,7 @@ def main() -> int:
     )
     print(
         f"{'policy':>18} {'enc s/s':>8} {'dec s/s':>8} {'CPU s/s':>8} {'frames':>7} {'tokens':>7} {'limit':>6} "
-        f"{'cont':>5} {'WER':>6} {'partial err':>11}"
+        f"{'cont':>5} {'drafted':>7} {'WER':>6} {'partial err':>11}"
     )
     for text in args.policies.split(","):
         fields = text.split(":")
@@ -170,6 +205,7 @@ def main() -> int:
             stop_loops="noloop" not in fields,
             continue_tail_s=None if "nocontinue" in fields else DecodePolicy.continue_tail_s,
             silence_padding="silencepad" in fields,
+            partial_draft_holdback=next((int(f.removeprefix("draft")) for f in fields if f.startswith("draft")), None),
         )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0
@@ -186,7 +222,8 @@ def main() -> int:
         print(
             f"{text:>18} {stats['encode_s'] / audio_s:>8.4f} {stats['decode_s'] / audio_s:>8.4f} "
             f"{stats['cpu_s'] / audio_s:>8.4f} {stats['frames_mean']:>7.0f} {stats['tokens']:>7.0f} "
-            f"{stats['token_limit_hits']:>6.0f} {stats['continuations']:>5.0f} {edits / max(1, words):>6.3f} "
+            f"{stats['token_limit_hits']:>6.0f} {stats['continuations']:>5.0f} {stats['drafted']:>7.0f} "
+            f"{edits / max(1, words):>6.3f} "
             f"{partial_edits / max(1, partial_words):>11.3f}",
             flush=True,
         )

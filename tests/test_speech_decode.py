@@ -5,7 +5,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine.speech_decode import DecodePolicy, collapse_repeats
+from app.engine.speech_decode import DecodePolicy, collapse_repeats, partial_draft
+from app.engine.speech_streams import StreamState
 
 SECOND = 16_000
 
@@ -55,3 +56,24 @@ def test_collapse_repeats_output_has_no_long_runs_and_is_stable(tokens: list[int
         for start in range(len(collapsed) - 4 * size + 1):
             gram = collapsed[start : start + size]
             assert any(collapsed[start + k * size : start + (k + 1) * size] != gram for k in range(1, 4))
+
+
+def test_a_partial_draft_drops_the_last_tokens_and_is_off_by_default() -> None:
+    previous = (10, 11, 12, 13, 14)
+    assert partial_draft(previous, DecodePolicy()) == ()  # off unless partial_draft_holdback is set
+    assert partial_draft(previous, DecodePolicy(partial_draft_holdback=2)) == (10, 11, 12)
+    assert partial_draft(previous, DecodePolicy(partial_draft_holdback=0)) == previous
+    assert partial_draft(previous[:2], DecodePolicy(partial_draft_holdback=2)) == ()  # nothing would be left
+    assert partial_draft((), DecodePolicy(partial_draft_holdback=0)) == ()
+
+
+def test_a_stream_keeps_the_partial_that_reaches_furthest_in_the_current_utterance() -> None:
+    state = StreamState("s", options=None, vad=None)  # type: ignore[arg-type]
+    assert state.partial_tokens(0) == ()
+    state.note_partial(0, 16_000, (1, 2))
+    state.note_partial(0, 24_000, (1, 2, 3))
+    state.note_partial(0, 20_000, (9,))  # an older partial finishing late (another worker) does not replace it
+    assert state.partial_tokens(0) == (1, 2, 3)
+    assert state.partial_tokens(1) == ()  # a new utterance starts without a draft
+    state.note_partial(1, 8_000, (7,))
+    assert state.partial_tokens(1) == (7,) and state.partial_tokens(0) == ()

@@ -9,6 +9,7 @@ offline transcript keeps (meeting_60s ends with one sentence four times), so the
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import os
 import threading
@@ -281,6 +282,49 @@ def test_any_chunking_gives_the_same_finals(
     results = run(with_engine(whisper, vad, body))
     assert len(results[0]) >= 3
     assert results[1] == results[0] and results[2] == results[0]
+
+
+def test_partial_drafts_leave_the_finals_unchanged(
+    whisper: WhisperRunner, vad: VadRunner, clips: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With ``partial_draft_holdback`` a partial starts from the previous partial of its utterance; finals are
+    always decoded from scratch, so they are those of the same stream without drafts."""
+    audio = clips["meeting_tst00"][: 12 * SAMPLE_RATE_HZ]
+    drafted: list[int] = []
+    real_transcribe_group = speech_engine_module.transcribe_group
+
+    def spy(*args: Any) -> tuple[list[WindowText], GroupTiming]:
+        texts, timing = real_transcribe_group(*args)
+        drafted.extend(text.drafted for text in texts)
+        return texts, timing
+
+    monkeypatch.setattr(speech_engine_module, "transcribe_group", spy)
+
+    async def body(engine: SpeechEngine) -> list[SpeechEvent]:
+        stream = engine.open_stream(StreamOptions())
+
+        async def push_at_real_time_pace() -> None:  # a partial's draft is the partial before it, delivered by then
+            for first in range(0, audio.shape[0], 1_600):
+                await stream.push_audio(audio[first : first + 1_600])
+                await asyncio.sleep(0.1)
+            stream.end()
+
+        pusher = asyncio.create_task(push_at_real_time_pace())
+        events = await collect(stream)
+        await pusher
+        return events
+
+    results = []
+    for holdback in (None, 2):
+        decode = dataclasses.replace(SpeechEngineSettings().decode, partial_draft_holdback=holdback)
+        settings = SpeechEngineSettings(max_partial_lag_s=None, decode=decode)
+        results.append(run(with_engine(whisper, vad, body, settings)))
+    plain, with_drafts = results
+    for events in results:
+        check_event_order(events)
+        assert any(isinstance(event, Transcript) and event.kind == "partial" for event in events)
+    assert finals(with_drafts) == finals(plain) and len(finals(plain)) >= 3
+    assert sum(drafted) > 0  # some partials of the second run started from a draft
 
 
 def test_a_slow_consumer_gets_the_newest_partial_and_every_final(

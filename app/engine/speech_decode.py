@@ -23,12 +23,17 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
   call me a Yankee down here."), and a window that starts "Hello? Hello? Hello? Hello?" trips the loop stop (a
   browser test saw 24 s of speech end as the final "Hello."); without this the rest of the utterance was lost.
 
+Partial drafts (``partial_draft_holdback``, off by default): a partial may start from the previous partial of its
+utterance without its last tokens, fed after ``<|notimestamps|>`` in one decoder call (``partial_draft``); only the
+rest is decoded token by token. Finals never use drafts.
+
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
@@ -67,6 +72,10 @@ class DecodePolicy:
     continue_tail_s: float | None = 2.0  # a final whose timestamps end this long before its audio is decoded on
     silence_padding: bool = False  # pad windows with silent audio, not log-mel zeros (worse: see window_features)
     max_continuations: int = 2  # continuation windows per final at most
+    # A partial starts from the text of the utterance's previous partial minus its last ``partial_draft_holdback``
+    # tokens, fed as a prompt (one decoder call) instead of decoded again token by token; None: every partial is
+    # decoded from scratch. See ``partial_draft``.
+    partial_draft_holdback: int | None = None
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -90,6 +99,7 @@ class WindowJob:
     audio: np.ndarray  # float32 [samples], 16 kHz
     frames: int
     max_new_tokens: int
+    draft: tuple[int, ...] = ()  # partials: text tokens forced after the prompt (see ``partial_draft``)
 
 
 @dataclass(frozen=True)
@@ -101,8 +111,10 @@ class WindowText:
     no_speech: bool  # the no-speech rule fired
     collapsed: bool  # repeated n-grams were collapsed
     hit_token_limit: bool  # the decoder was stopped by ``max_new_tokens``
-    n_tokens: int  # tokens sampled by the decoder
+    n_tokens: int  # tokens of the result, a partial's draft included
     continuations: int = 0  # continuation windows decoded after the first (finals only)
+    drafted: int = 0  # tokens of ``n_tokens`` that were forced from the draft, not decoded one by one
+    text_tokens: tuple[int, ...] = ()  # a partial's text tokens, the next partial's draft (empty if not shown)
 
 
 @dataclass(frozen=True)
@@ -168,6 +180,17 @@ def window_features(audio: np.ndarray, frames: int, n_mels: int, *, silence_padd
     return window
 
 
+def partial_draft(previous: Sequence[int], policy: DecodePolicy) -> tuple[int, ...]:
+    """The draft of an utterance's next partial: the previous partial's text tokens without the last
+    ``partial_draft_holdback`` (the end of a partial is the least settled part: its last word may be cut), or ()
+    when drafts are off or nothing would be left. Whisper rewrites the start of a growing window rarely; a partial
+    started from a draft keeps it until the final, which is always decoded from scratch."""
+    holdback = policy.partial_draft_holdback
+    if holdback is None or len(previous) <= holdback:
+        return ()
+    return tuple(previous[: len(previous) - holdback])
+
+
 @dataclass(frozen=True)
 class PromptRules:
     """The decoding rules of each kind of window."""
@@ -208,19 +231,32 @@ def transcribe_group(
     for row, job in enumerate(jobs):
         kinds.setdefault(job.kind, []).append(row)
     results: dict[int, DecodeResult] = {}
-    for kind, rows in kinds.items():
+    partials = kinds.get("partial", [])
+    plain = [row for row in partials if not jobs[row].draft]
+    drafted = [row for row in partials if jobs[row].draft]
+    calls = [
+        (kinds.get("final", []), rules.final),
+        (plain, rules.partial),
+        # Drafted partials decode on from their draft: a blank or EOT right after it is allowed (no suppress_blank).
+        (drafted, dataclasses.replace(rules.partial, suppress_blank=False)),
+    ]
+    for rows, row_rules in calls:
+        if not rows:
+            continue
         prompts = [_prompt(runner, jobs[row]) for row in rows]
         room = runner.n_text_ctx - max(len(prompt) for prompt in prompts) + 1
-        limits = [max(1, min(ceiling, room, jobs[row].max_new_tokens)) for row in rows]
+        limits = [max(1, min(ceiling, room, jobs[row].max_new_tokens - len(jobs[row].draft))) for row in rows]
         chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
         decoded = runner.decode(
             chosen,
             prompts,
             max_new_tokens=limits,
-            rules=rules.final if kind == "final" else rules.partial,
+            rules=row_rules,
             loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
         )
-        results.update(zip(rows, decoded, strict=True))
+        for row, result in zip(rows, decoded, strict=True):
+            draft = list(jobs[row].draft)
+            results[row] = dataclasses.replace(result, tokens=[*draft, *result.tokens]) if draft else result
     continued = _continue_early_finals(runner, jobs, results, policy, rules)
     texts = [
         _window_text(job, *continued.get(row, (results[row], job.max_new_tokens, 0)), runner, policy)
@@ -346,7 +382,7 @@ def _is_no_speech(result: DecodeResult, policy: DecodePolicy) -> bool:
 def _prompt(runner: WhisperRunner, job: WindowJob) -> list[int]:
     if job.kind == "final":
         return [runner.sot]
-    return [runner.sot, runner.no_timestamps]
+    return [runner.sot, runner.no_timestamps, *job.draft]
 
 
 def _window_text(
@@ -366,10 +402,13 @@ def _window_text(
     text = "" if no_speech else window_text_from_tokens(collapsed_tokens, runner)
     if job.kind == "partial" and text and compression_ratio(text) > policy.compression_ratio_threshold:
         text = ""
+    draft_source = tuple(text_tokens) if job.kind == "partial" and text and not collapsed else ()
     if job.kind == "final" and hit_limit:
         logger.info(
             "a final of %.1f s stopped without EOT (loop stop or token limit) after %d tokens, %d continuation(s): "
             "%r; tokens %s",
             job.audio.shape[0] / SAMPLE_RATE_HZ, len(kept), continuations, text[:80], kept[:40],
         )
-    return WindowText(job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations)
+    return WindowText(
+        job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations, len(job.draft), draft_source
+    )

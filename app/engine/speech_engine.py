@@ -102,7 +102,14 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 
 import numpy as np
 
-from app.engine.speech_decode import DecodePolicy, PromptRules, WindowJob, WindowText, transcribe_group
+from app.engine.speech_decode import (
+    DecodePolicy,
+    PromptRules,
+    WindowJob,
+    WindowText,
+    partial_draft,
+    transcribe_group,
+)
 from app.engine.speech_events import SpeechEvent, SpeechStarted, StreamEnded, StreamOptions, Transcript
 from app.engine.speech_scheduler import DecodeGroup, DecodeItem, SpeechScheduler
 from app.engine.speech_streams import AudioBuffer, InFlight, StreamState
@@ -498,7 +505,7 @@ class SpeechEngine:
                     self._scheduler.complete(item)
                     continue
                 flights.append(InFlight(item, self._due_time(state, item)))
-                jobs.append(self._window_job(len(jobs), state, item))
+                jobs.append(self._window_job(len(jobs), state, item, self.settings.decode))
             if jobs:
                 prepared.append((flights, jobs))
         return prepared
@@ -515,9 +522,10 @@ class SpeechEngine:
                 self._deliver(flight, text, now)
 
     @staticmethod
-    def _window_job(index: int, state: StreamState, item: DecodeItem) -> WindowJob:
+    def _window_job(index: int, state: StreamState, item: DecodeItem, policy: DecodePolicy) -> WindowJob:
         audio = state.audio.read(item.start, item.end)
-        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens)
+        draft = partial_draft(state.partial_tokens(item.utterance), policy) if item.kind == "partial" else ()
+        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, draft)
 
     def _deliver(self, flight: InFlight, text: WindowText, now: float) -> None:
         item = flight.item
@@ -525,6 +533,8 @@ class SpeechEngine:
         state = self._streams.get(item.stream_id)
         if state is None:
             return
+        if text.text_tokens:
+            state.note_partial(item.utterance, item.end, text.text_tokens)
         if not completion.deliver or (item.kind == "partial" and not text.text):
             return
         start_s, end_s = item.start / SAMPLE_RATE_HZ, item.end / SAMPLE_RATE_HZ

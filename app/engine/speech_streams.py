@@ -117,6 +117,20 @@ class StreamState:
     marker_times: dict[int, float] = field(default_factory=dict)  # finalize/end position -> monotonic time
     ended: bool = False  # end() was called
     closed: bool = False  # close() was called, or the engine released it after StreamEnded
+    # The text tokens of the newest decoded partial (utterance, end sample, tokens): the next partial's draft source.
+    last_partial: tuple[int, int, tuple[int, ...]] | None = None
+
+    def note_partial(self, utterance: int, end: int, tokens: tuple[int, ...]) -> None:
+        """Keep a decoded partial's tokens unless a partial of the same utterance reaching further is kept already
+        (two workers can finish partials out of order)."""
+        kept = self.last_partial
+        if kept is None or kept[0] != utterance or kept[1] < end:
+            self.last_partial = (utterance, end, tokens)
+
+    def partial_tokens(self, utterance: int) -> tuple[int, ...]:
+        """The newest partial tokens of ``utterance`` (empty if none)."""
+        kept = self.last_partial
+        return kept[2] if kept is not None and kept[0] == utterance else ()
 
     def push_time(self, position: int) -> float | None:
         """When the sample at ``position`` was pushed."""

@@ -39,6 +39,7 @@ def build_engine(loaded: LoadedVersion, repository: ModelRepository, settings: S
 
 def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: Settings,
                   metrics: Metrics) -> BuiltEngine:
+    from app.engine.speech_decode import DecodePolicy
     from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings
     from app.speech.vad import VadRunner
     from app.speech.whisper_runner import WhisperRunner
@@ -46,11 +47,13 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
     whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=settings.speech_threads)
     vad_model = repository.load(settings.vad_model)
     vad = VadRunner(vad_model.directory, vad_model.manifest.config)
+    holdback = settings.speech_partial_draft_holdback
     engine_settings = SpeechEngineSettings(
         max_utterance_s=settings.max_utterance_s,
         intra_op_threads=settings.speech_threads,
         decode_workers=settings.speech_workers,
         max_batch_size=settings.speech_batch_size,
+        decode=DecodePolicy(partial_draft_holdback=holdback if holdback >= 0 else None),
     )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
     engine = SpeechEngine(whisper, vad, engine_settings, observer)
