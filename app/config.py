@@ -34,7 +34,7 @@ class Settings:
     speech_threads: int = 2  # onnxruntime intra-op threads of each speech engine
     speech_workers: int = 2  # batches each speech engine transcribes at once, on their own threads
     speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
-    speech_partial_draft_holdback: int = -1  # partials start from the previous one minus this many tokens (-1 = off)
+    speech_partial_draft_agreement: int = 2  # a partial starts from what this many previous ones agree on (0 = off)
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)

@@ -15,8 +15,10 @@ word).
 A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn ``DecodePolicy.stop_loops`` off and
 ``:nocontinue`` to turn off the continuation of finals that stop early (``DecodePolicy.continue_tail_s``), and
 ``:silencepad`` to pad windows with silent audio instead of log-mel zeros (``DecodePolicy.silence_padding``), and
-``:draftK`` to start each partial from the previous partial's text minus its last K tokens
-(``DecodePolicy.partial_draft_holdback``; the partials of an utterance are then decoded in order); the ``cont``
+``:agreeN`` to start each partial from the words the previous N partials of its utterance agree on
+(``DecodePolicy.partial_draft_agreement``, default 2; ``:agree0`` decodes every partial from scratch; with drafts
+the partials of an utterance are decoded in order) and ``:draftK`` to leave the draft's last K tokens to decode
+(``partial_draft_holdback``, default 0); the ``cont``
 column counts the continuation windows decoded, ``drafted`` the partial tokens taken from drafts instead of decoded,
 ``tokens`` the tokens decoded.
 """
@@ -115,16 +117,16 @@ def run_policy(
     rules = PromptRules.from_config(runner.config)
     texts: dict[int, WindowText] = {}
     frames_used: list[int] = []
-    drafts: dict[tuple[int, int], tuple[int, ...]] = {}  # (clip, utterance) -> the last partial's text tokens
+    drafts: dict[tuple[int, int], list[tuple[int, ...]]] = {}  # (clip, utterance) -> its partials' text tokens
     stats = {"encode_s": 0.0, "decode_s": 0.0, "cpu_s": 0.0, "wall_s": 0.0}
-    for indices in rounds(windows, sequential=policy.partial_draft_holdback is not None):
+    for indices in rounds(windows, sequential=policy.partial_draft_agreement > 0):
         by_frames: dict[int, list[WindowJob]] = {}
         for index in indices:
             window = windows[index]
             audio = clips[window.clip][window.start : window.end]
             kind: WindowKind = "final" if window.kind == "final" else "partial"
             frames = policy.window_frames(audio.shape[0], kind, runner.max_frames)
-            draft = partial_draft(drafts.get((window.clip, window.utterance), ()), policy) if kind == "partial" else ()
+            draft = partial_draft(drafts.get((window.clip, window.utterance), []), policy) if kind == "partial" else ()
             job = WindowJob(index, kind, audio, frames, policy.token_limit(audio.shape[0]), draft)
             by_frames.setdefault(job.frames, []).append(job)
             frames_used.append(frames)
@@ -141,7 +143,7 @@ def run_policy(
         for index in indices:
             window = windows[index]
             if window.kind == "partial" and texts[index].text_tokens:
-                drafts[(window.clip, window.utterance)] = texts[index].text_tokens
+                drafts.setdefault((window.clip, window.utterance), []).append(texts[index].text_tokens)
     per_clip: dict[int, list[tuple[Window, WindowText]]] = {}
     for index, window in enumerate(windows):
         per_clip.setdefault(window.clip, []).append((window, texts[index]))
@@ -151,6 +153,11 @@ def run_policy(
     stats["token_limit_hits"] = float(sum(text.hit_token_limit for text in texts.values()))
     stats["continuations"] = float(sum(text.continuations for text in texts.values()))
     return per_clip, stats
+
+
+def flag_value(fields: list[str], prefix: str, default: int) -> int:
+    """The number of a policy flag such as ``agree2`` (``prefix`` + digits), or ``default`` without one."""
+    return next((int(field.removeprefix(prefix)) for field in fields if field.startswith(prefix)), default)
 
 
 def main() -> int:
@@ -205,7 +212,8 @@ def main() -> int:
             stop_loops="noloop" not in fields,
             continue_tail_s=None if "nocontinue" in fields else DecodePolicy.continue_tail_s,
             silence_padding="silencepad" in fields,
-            partial_draft_holdback=next((int(f.removeprefix("draft")) for f in fields if f.startswith("draft")), None),
+            partial_draft_agreement=flag_value(fields, "agree", DecodePolicy.partial_draft_agreement),
+            partial_draft_holdback=flag_value(fields, "draft", DecodePolicy.partial_draft_holdback),
         )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0

@@ -1,4 +1,4 @@
-"""Partials started from the previous partial's text (DecodePolicy.partial_draft_holdback), with the real model.
+"""Partials started from a draft (DecodePolicy.partial_draft_agreement), with the real model.
 
 Greedy decoding is self-consistent: a window decoded from a draft made of its own tokens (fed in one decoder call)
 must say what it says decoded token by token, whether the draft leaves some of the text to decode or all of it.
@@ -18,7 +18,7 @@ from tests.conftest import load_model
 from tests.whisper_test_audio import read_clip
 
 SECOND = 16_000
-POLICY = DecodePolicy(partial_draft_holdback=2)
+POLICY = DecodePolicy()
 
 
 @pytest.fixture(scope="module")

@@ -58,22 +58,38 @@ def test_collapse_repeats_output_has_no_long_runs_and_is_stable(tokens: list[int
             assert any(collapsed[start + k * size : start + (k + 1) * size] != gram for k in range(1, 4))
 
 
-def test_a_partial_draft_drops_the_last_tokens_and_is_off_by_default() -> None:
+def test_a_partial_draft_from_the_previous_partial_alone_drops_its_last_tokens() -> None:
     previous = (10, 11, 12, 13, 14)
-    assert partial_draft(previous, DecodePolicy()) == ()  # off unless partial_draft_holdback is set
-    assert partial_draft(previous, DecodePolicy(partial_draft_holdback=2)) == (10, 11, 12)
-    assert partial_draft(previous, DecodePolicy(partial_draft_holdback=0)) == previous
-    assert partial_draft(previous[:2], DecodePolicy(partial_draft_holdback=2)) == ()  # nothing would be left
-    assert partial_draft((), DecodePolicy(partial_draft_holdback=0)) == ()
+    alone = {"partial_draft_agreement": 1}
+    assert partial_draft([previous], DecodePolicy(partial_draft_agreement=0)) == ()  # drafts off
+    assert partial_draft([previous], DecodePolicy(**alone, partial_draft_holdback=2)) == (10, 11, 12)
+    assert partial_draft([(1, 2), previous], DecodePolicy(**alone, partial_draft_holdback=2)) == (10, 11, 12)
+    assert partial_draft([previous], DecodePolicy(**alone)) == previous
+    assert partial_draft([previous[:2]], DecodePolicy(**alone, partial_draft_holdback=2)) == ()  # nothing left
+    assert partial_draft([], DecodePolicy(**alone)) == ()
 
 
-def test_a_stream_keeps_the_partial_that_reaches_furthest_in_the_current_utterance() -> None:
+def test_with_agreement_a_draft_is_what_the_last_partials_share() -> None:
+    policy = DecodePolicy(partial_draft_holdback=1, partial_draft_agreement=2)
+    older, newer = (10, 11, 12, 13), (10, 11, 12, 20, 21)
+    assert partial_draft([newer], policy) == ()  # one partial is not an agreement
+    assert partial_draft([older, newer], policy) == (10, 11)  # 3 agreed tokens, minus the holdback
+    assert partial_draft([(5,), older, newer], policy) == (10, 11)  # only the last two vote
+    assert partial_draft([(9, 10), newer], policy) == ()
+    assert partial_draft([older, newer], DecodePolicy()) == (10, 11, 12)  # the default: two agree, nothing held back
+
+
+def test_a_stream_keeps_the_partials_that_reach_furthest_in_the_current_utterance() -> None:
     state = StreamState("s", options=None, vad=None)  # type: ignore[arg-type]
-    assert state.partial_tokens(0) == ()
+    assert state.partial_history(0) == []
     state.note_partial(0, 16_000, (1, 2))
     state.note_partial(0, 24_000, (1, 2, 3))
-    state.note_partial(0, 20_000, (9,))  # an older partial finishing late (another worker) does not replace it
-    assert state.partial_tokens(0) == (1, 2, 3)
-    assert state.partial_tokens(1) == ()  # a new utterance starts without a draft
+    state.note_partial(0, 20_000, (9,))  # an older partial finishing late (another worker) stays behind the newest
+    assert state.partial_history(0) == [(9,), (1, 2, 3)]
+    state.note_partial(0, 12_000, (8,), keep=2)  # older than both kept: dropped
+    assert state.partial_history(0) == [(9,), (1, 2, 3)]
+    assert state.partial_history(1) == []  # a new utterance starts without a draft
     state.note_partial(1, 8_000, (7,))
-    assert state.partial_tokens(1) == (7,) and state.partial_tokens(0) == ()
+    assert state.partial_history(1) == [(7,)] and state.partial_history(0) == []
+    state.note_partial(0, 30_000, (6,))  # a late partial of the previous utterance is dropped
+    assert state.partial_history(1) == [(7,)] and state.partial_history(0) == []

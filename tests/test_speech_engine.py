@@ -287,8 +287,8 @@ def test_any_chunking_gives_the_same_finals(
 def test_partial_drafts_leave_the_finals_unchanged(
     whisper: WhisperRunner, vad: VadRunner, clips: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """With ``partial_draft_holdback`` a partial starts from the previous partial of its utterance; finals are
-    always decoded from scratch, so they are those of the same stream without drafts."""
+    """With drafts (the default) a partial starts from what the previous two partials of its utterance agree on;
+    finals are always decoded from scratch, so they are those of the same stream without drafts."""
     audio = clips["meeting_tst00"][: 12 * SAMPLE_RATE_HZ]
     drafted: list[int] = []
     real_transcribe_group = speech_engine_module.transcribe_group
@@ -315,8 +315,8 @@ def test_partial_drafts_leave_the_finals_unchanged(
         return events
 
     results = []
-    for holdback in (None, 2):
-        decode = dataclasses.replace(SpeechEngineSettings().decode, partial_draft_holdback=holdback)
+    for agreement in (0, 2):
+        decode = dataclasses.replace(SpeechEngineSettings().decode, partial_draft_agreement=agreement)
         settings = SpeechEngineSettings(max_partial_lag_s=None, decode=decode)
         results.append(run(with_engine(whisper, vad, body, settings)))
     plain, with_drafts = results

@@ -23,9 +23,10 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
   call me a Yankee down here."), and a window that starts "Hello? Hello? Hello? Hello?" trips the loop stop (a
   browser test saw 24 s of speech end as the final "Hello."); without this the rest of the utterance was lost.
 
-Partial drafts (``partial_draft_holdback``, off by default): a partial may start from the previous partial of its
-utterance without its last tokens, fed after ``<|notimestamps|>`` in one decoder call (``partial_draft``); only the
-rest is decoded token by token. Finals never use drafts.
+Partial drafts (``partial_draft_agreement``, 2 by default): a partial starts from the words the previous two
+partials of its utterance agree on (minus ``partial_draft_holdback`` tokens, 0 by default), fed after
+``<|notimestamps|>`` in one decoder call (``partial_draft``); only the rest is decoded token by token. Finals never
+use drafts.
 
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
@@ -72,10 +73,11 @@ class DecodePolicy:
     continue_tail_s: float | None = 2.0  # a final whose timestamps end this long before its audio is decoded on
     silence_padding: bool = False  # pad windows with silent audio, not log-mel zeros (worse: see window_features)
     max_continuations: int = 2  # continuation windows per final at most
-    # A partial starts from the text of the utterance's previous partial minus its last ``partial_draft_holdback``
-    # tokens, fed as a prompt (one decoder call) instead of decoded again token by token; None: every partial is
-    # decoded from scratch. See ``partial_draft``.
-    partial_draft_holdback: int | None = None
+    # A partial starts from the text its utterance's last ``partial_draft_agreement`` partials agree on, minus the last
+    # ``partial_draft_holdback`` tokens, fed as a prompt (one decoder call) instead of decoded again token by token;
+    # agreement 0: every partial is decoded from scratch. See ``partial_draft``.
+    partial_draft_agreement: int = 2
+    partial_draft_holdback: int = 0
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -180,15 +182,31 @@ def window_features(audio: np.ndarray, frames: int, n_mels: int, *, silence_padd
     return window
 
 
-def partial_draft(previous: Sequence[int], policy: DecodePolicy) -> tuple[int, ...]:
-    """The draft of an utterance's next partial: the previous partial's text tokens without the last
-    ``partial_draft_holdback`` (the end of a partial is the least settled part: its last word may be cut), or ()
-    when drafts are off or nothing would be left. Whisper rewrites the start of a growing window rarely; a partial
-    started from a draft keeps it until the final, which is always decoded from scratch."""
-    holdback = policy.partial_draft_holdback
-    if holdback is None or len(previous) <= holdback:
+def partial_draft(recent: Sequence[Sequence[int]], policy: DecodePolicy) -> tuple[int, ...]:
+    """The draft of an utterance's next partial from the text tokens of its ``recent`` partials (oldest first): the
+    longest prefix the last ``partial_draft_agreement`` of them share (with 2, a word must have been read the same
+    way twice, as whisper_streaming's LocalAgreement commits), without its last ``partial_draft_holdback`` tokens
+    (the end of a partial is the least settled part: its last word may be cut); () when drafts are off, too few
+    partials agree, or nothing would be left. A partial started from a draft keeps it until the final, which is
+    always decoded from scratch."""
+    holdback, agreement = policy.partial_draft_holdback, policy.partial_draft_agreement
+    if agreement < 1 or len(recent) < agreement:
         return ()
-    return tuple(previous[: len(previous) - holdback])
+    voters = recent[len(recent) - agreement :]
+    agreed = min(common_prefix(voters[0], other) for other in voters[1:]) if agreement > 1 else len(voters[0])
+    if agreed <= holdback:
+        return ()
+    return tuple(voters[-1][: agreed - holdback])
+
+
+def common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
+    """How many leading tokens the two sequences share."""
+    shared = 0
+    for a, b in zip(left, right, strict=False):
+        if a != b:
+            break
+        shared += 1
+    return shared
 
 
 @dataclass(frozen=True)

@@ -524,7 +524,7 @@ class SpeechEngine:
     @staticmethod
     def _window_job(index: int, state: StreamState, item: DecodeItem, policy: DecodePolicy) -> WindowJob:
         audio = state.audio.read(item.start, item.end)
-        draft = partial_draft(state.partial_tokens(item.utterance), policy) if item.kind == "partial" else ()
+        draft = partial_draft(state.partial_history(item.utterance), policy) if item.kind == "partial" else ()
         return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, draft)
 
     def _deliver(self, flight: InFlight, text: WindowText, now: float) -> None:
@@ -533,8 +533,8 @@ class SpeechEngine:
         state = self._streams.get(item.stream_id)
         if state is None:
             return
-        if text.text_tokens:
-            state.note_partial(item.utterance, item.end, text.text_tokens)
+        if text.text_tokens and self.settings.decode.partial_draft_agreement > 0:
+            state.note_partial(item.utterance, item.end, text.text_tokens, self.settings.decode.partial_draft_agreement)
         if not completion.deliver or (item.kind == "partial" and not text.text):
             return
         start_s, end_s = item.start / SAMPLE_RATE_HZ, item.end / SAMPLE_RATE_HZ

@@ -117,20 +117,23 @@ class StreamState:
     marker_times: dict[int, float] = field(default_factory=dict)  # finalize/end position -> monotonic time
     ended: bool = False  # end() was called
     closed: bool = False  # close() was called, or the engine released it after StreamEnded
-    # The text tokens of the newest decoded partial (utterance, end sample, tokens): the next partial's draft source.
-    last_partial: tuple[int, int, tuple[int, ...]] | None = None
+    # The newest decoded partials of the current utterance (utterance, end sample, text tokens), oldest first: the
+    # sources of the next partial's draft.
+    recent_partials: list[tuple[int, int, tuple[int, ...]]] = field(default_factory=list)
 
-    def note_partial(self, utterance: int, end: int, tokens: tuple[int, ...]) -> None:
-        """Keep a decoded partial's tokens unless a partial of the same utterance reaching further is kept already
-        (two workers can finish partials out of order)."""
-        kept = self.last_partial
-        if kept is None or kept[0] != utterance or kept[1] < end:
-            self.last_partial = (utterance, end, tokens)
+    def note_partial(self, utterance: int, end: int, tokens: tuple[int, ...], keep: int = 2) -> None:
+        """Keep a decoded partial's tokens among the ``keep`` reaching furthest in its utterance (two workers can
+        finish partials out of order); a late partial of an earlier utterance is dropped."""
+        if self.recent_partials and self.recent_partials[-1][0] > utterance:
+            return
+        kept = [partial for partial in self.recent_partials if partial[0] == utterance]
+        kept.append((utterance, end, tokens))
+        kept.sort(key=lambda partial: partial[1])
+        self.recent_partials = kept[-keep:]
 
-    def partial_tokens(self, utterance: int) -> tuple[int, ...]:
-        """The newest partial tokens of ``utterance`` (empty if none)."""
-        kept = self.last_partial
-        return kept[2] if kept is not None and kept[0] == utterance else ()
+    def partial_history(self, utterance: int) -> list[tuple[int, ...]]:
+        """The kept partials' tokens of ``utterance``, oldest first (empty if none)."""
+        return [tokens for kept, _, tokens in self.recent_partials if kept == utterance]
 
     def push_time(self, position: int) -> float | None:
         """When the sample at ``position`` was pushed."""

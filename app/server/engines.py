@@ -47,13 +47,12 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
     whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=settings.speech_threads)
     vad_model = repository.load(settings.vad_model)
     vad = VadRunner(vad_model.directory, vad_model.manifest.config)
-    holdback = settings.speech_partial_draft_holdback
     engine_settings = SpeechEngineSettings(
         max_utterance_s=settings.max_utterance_s,
         intra_op_threads=settings.speech_threads,
         decode_workers=settings.speech_workers,
         max_batch_size=settings.speech_batch_size,
-        decode=DecodePolicy(partial_draft_holdback=holdback if holdback >= 0 else None),
+        decode=DecodePolicy(partial_draft_agreement=max(0, settings.speech_partial_draft_agreement)),
     )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
     engine = SpeechEngine(whisper, vad, engine_settings, observer)
