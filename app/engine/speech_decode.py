@@ -193,13 +193,13 @@ def partial_draft(recent: Sequence[Sequence[int]], policy: DecodePolicy) -> tupl
     if agreement < 1 or len(recent) < agreement:
         return ()
     voters = recent[len(recent) - agreement :]
-    agreed = min(common_prefix(voters[0], other) for other in voters[1:]) if agreement > 1 else len(voters[0])
+    agreed = min(_common_prefix(voters[0], other) for other in voters[1:]) if agreement > 1 else len(voters[0])
     if agreed <= holdback:
         return ()
     return tuple(voters[-1][: agreed - holdback])
 
 
-def common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
+def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
     """How many leading tokens the two sequences share."""
     shared = 0
     for a, b in zip(left, right, strict=False):
