@@ -244,8 +244,10 @@ def main() -> int:
     parser.add_argument("--min-window-s", type=float, default=None, help="DecodePolicy.min_window_s")
     parser.add_argument("--pad-s", type=float, default=None, help="DecodePolicy.pad_s")
     parser.add_argument("--bucket-s", type=float, default=None, help="DecodePolicy.bucket_s")
-    parser.add_argument("--partial-draft-holdback", type=int, default=None, help="DecodePolicy value (default off)")
-    parser.add_argument("--partial-draft-agreement", type=int, default=None, help="DecodePolicy value (default 1)")
+    parser.add_argument("--partial-draft-holdback", type=int, default=None, help="DecodePolicy value (default 0)")
+    parser.add_argument(
+        "--partial-draft-agreement", type=int, default=None, help="DecodePolicy value (default 2; 0: no partial drafts)"
+    )
     parser.add_argument("--partial-interval-s", type=float, default=None, help="SpeechEngineSettings value")
     parser.add_argument("--max-utterance-s", type=float, default=None, help="SpeechEngineSettings value")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="results file (merged per label and level)")
