@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import fields
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,13 @@ def test_settings_errors_name_the_variable() -> None:
         settings_from_env({"BROOK_PORT": "eighty"})
     with pytest.raises(ValueError, match="unknown settings: colour"):
         Settings().with_overrides({"colour": "blue"})
+
+
+def test_every_setting_is_documented_in_operations_md() -> None:
+    """Operators configure Brook from docs/operations.md: a setting added to ``Settings`` must be listed there."""
+    documented = (Path(__file__).resolve().parents[1] / "docs" / "operations.md").read_text(encoding="utf-8")
+    missing = [f"BROOK_{f.name.upper()}" for f in fields(Settings) if f"`BROOK_{f.name.upper()}`" not in documented]
+    assert not missing, f"not in docs/operations.md: {missing}"
 
 
 def test_overrides_ignore_unset_values() -> None:
