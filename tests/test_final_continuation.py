@@ -118,3 +118,24 @@ def test_silence_after_the_speech_adds_no_words(runner: WhisperRunner, telephone
     continued = decode_final(runner, audio, DecodePolicy())
     assert plain.text and continued.text == plain.text
     assert continued.continuations == 1  # it looked at the 4 s of silence and found no speech there
+
+
+@pytest.mark.slow
+def test_a_final_that_loops_from_its_start_is_decoded_again_from_what_the_partials_agreed_on(
+    runner: WhisperRunner, telephone: np.ndarray
+) -> None:
+    """The opening of the telephone recording makes Whisper repeat "Hello?" to the token limit, timestamps and all.
+    A browser test once saw a whole 24 s utterance end as the final "Hello." that way. With the words the
+    utterance's partials agreed on, the final is decoded again without timestamps and says more."""
+    audio = telephone[int(0.1 * SECOND) : int(8.6 * SECOND)]
+    policy = DecodePolicy()
+    frames = policy.window_frames(audio.shape[0], "final", runner.max_frames)
+    rules = PromptRules.from_config(runner.config)
+    (looped,) = transcribe_group(runner, [WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]))],
+                                 policy, rules)[0]
+    assert looped.collapsed and looped.hit_token_limit, f"the premise changed: {looped.text!r}"
+    agreed = tuple(runner.tokenizer.encode(" Hello? Hello? Oh, hello. I didn't know"))
+    job = WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]), agreed=agreed)
+    (again,) = transcribe_group(runner, [job], policy, rules)[0]
+    assert again.text.startswith("Hello? Hello? Oh, hello. I didn't know"), again.text
+    assert len(normalize_words(again.text)) > len(normalize_words(looped.text))

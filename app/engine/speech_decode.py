@@ -23,6 +23,10 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
   call me a Yankee down here."), and a window that starts "Hello? Hello? Hello? Hello?" trips the loop stop (a
   browser test saw 24 s of speech end as the final "Hello."); without this the rest of the utterance was lost.
 
+- a final that loops to the loop stop or the token limit with no continuation (Whisper repeating "Hello?" from the
+  start of the window) is decoded again without timestamps from the words its utterance's partials agreed on, and
+  that result is kept if it says more once repeats are collapsed.
+
 Partial drafts (``partial_draft_agreement``, 2 by default): a partial starts from the words the previous two
 partials of its utterance agree on (minus ``partial_draft_holdback`` tokens, 0 by default), fed after
 ``<|notimestamps|>`` in one decoder call (``partial_draft``); only the rest is decoded token by token. Finals never
@@ -46,7 +50,7 @@ import numpy as np
 
 from app.speech.decoding import TIME_PRECISION_S, DecodingRules, compression_ratio
 from app.speech.features import HOP_LENGTH, SAMPLE_RATE_HZ, TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram
-from app.speech.whisper_runner import DecodeResult, LoopStop, WhisperRunner
+from app.speech.whisper_runner import DecodeResult, EncoderOutput, LoopStop, WhisperRunner
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +106,9 @@ class WindowJob:
     frames: int
     max_new_tokens: int
     draft: tuple[int, ...] = ()  # partials: text tokens forced after the prompt (see ``partial_draft``)
+    # Finals: the words the utterance's partials agreed on; the draft of the fallback decoding of a final that loops
+    # before its first timestamp (see ``_decode_looped_finals_again``). Unused otherwise.
+    agreed: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -276,6 +283,7 @@ def transcribe_group(
             draft = list(jobs[row].draft)
             results[row] = dataclasses.replace(result, tokens=[*draft, *result.tokens]) if draft else result
     continued = _continue_early_finals(runner, jobs, results, policy, rules)
+    results.update(_decode_looped_finals_again(runner, encoded, jobs, results, continued, policy, rules))
     texts = [
         _window_text(job, *continued.get(row, (results[row], job.max_new_tokens, 0)), runner, policy)
         for row, job in enumerate(jobs)
@@ -367,6 +375,66 @@ def _continue_early_finals(
                     done[state.row] = (state.result, state.max_new_tokens, state.rounds)
         active = still
     return done
+
+
+def _decode_looped_finals_again(
+    runner: WhisperRunner,
+    encoded: EncoderOutput,
+    jobs: Sequence[WindowJob],
+    results: Mapping[int, DecodeResult],
+    continued: Mapping[int, object],
+    policy: DecodePolicy,
+    rules: PromptRules,
+) -> dict[int, DecodeResult]:
+    """Finals whose decoding looped until the loop stop or the token limit and that no continuation decoded on:
+    Whisper repeated itself from the start ("Hello. Hello. Hello. Hello." on a 24 s window that starts with two
+    hellos, or "Hello?" segments with made-up timestamps to the end of the window), and the collapsed text would
+    lose the utterance. Such a final is decoded again without timestamps, from the words its partials agreed on
+    (``WindowJob.agreed``, if any), and the new result is kept if it says more once repeats are collapsed.
+    Returns the replaced results."""
+    if not policy.stop_loops:
+        return {}
+    timestamp_begin = int(runner.config["timestamp_begin"])
+    loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram)
+    stuck = [
+        row
+        for row, job in enumerate(jobs)
+        if job.kind == "final"
+        and row not in continued
+        and not results[row].reached_eot
+        and _said(results[row].tokens, timestamp_begin, policy) < _text_length(results[row].tokens, timestamp_begin)
+    ]
+    replaced: dict[int, DecodeResult] = {}
+    for row in stuck:
+        job = jobs[row]
+        prompt = [runner.sot, runner.no_timestamps, *job.agreed]
+        limit = max(1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1,
+                           job.max_new_tokens - len(job.agreed)))
+        row_rules = dataclasses.replace(rules.partial, suppress_blank=not job.agreed)
+        (again,) = runner.decode(encoded.select([row]), [prompt], max_new_tokens=[limit], rules=row_rules,
+                                 loop_stop=loop_stop)
+        again = dataclasses.replace(again, tokens=[*job.agreed, *again.tokens])
+        before = _said(results[row].tokens, timestamp_begin, policy)
+        after = _said(again.tokens, timestamp_begin, policy)
+        logger.info(
+            "a final of %.1f s looped (%d text tokens once collapsed); decoded again "
+            "without timestamps from %d agreed tokens: %d text tokens, %s",
+            job.audio.shape[0] / SAMPLE_RATE_HZ, before, len(job.agreed), after,
+            "kept" if after > before else "not kept",
+        )
+        if after > before:
+            replaced[row] = again
+    return replaced
+
+
+def _text_length(tokens: Sequence[int], timestamp_begin: int) -> int:
+    return sum(token < timestamp_begin for token in tokens)
+
+
+def _said(tokens: Sequence[int], timestamp_begin: int, policy: DecodePolicy) -> int:
+    """Text tokens left once repeated n-grams are collapsed: how much a decoding says."""
+    text = [token for token in tokens if token < timestamp_begin]
+    return len(collapse_repeats(text, policy.repeat_limit, policy.max_repeat_ngram)[0])
 
 
 def continuation_offset(

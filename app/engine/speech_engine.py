@@ -524,8 +524,10 @@ class SpeechEngine:
     @staticmethod
     def _window_job(index: int, state: StreamState, item: DecodeItem, policy: DecodePolicy) -> WindowJob:
         audio = state.audio.read(item.start, item.end)
-        draft = partial_draft(state.partial_history(item.utterance), policy) if item.kind == "partial" else ()
-        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, draft)
+        agreed = partial_draft(state.partial_history(item.utterance), policy)
+        if item.kind == "partial":
+            return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, draft=agreed)
+        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, agreed=agreed)
 
     def _deliver(self, flight: InFlight, text: WindowText, now: float) -> None:
         item = flight.item
