@@ -7,12 +7,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import NoReturn
 
+import numpy as np
 import pytest
 
 from app.convert.sources import cache_dir
 from app.errors import FetchError
 from app.paths import default_model_dir
 from app.repository import LoadedVersion, ModelRepository, VersionState
+from app.speech.whisper_runner import WhisperRunner
 from tests.server_process import RunningServer, run_server
 
 
@@ -73,3 +75,18 @@ def brook_server(model_repository: ModelRepository) -> Iterator[RunningServer]:
     require_models(model_repository, "whisper-tiny-en", "silero-vad", "smollm2-135m-instruct")
     with run_server(ARTIFACT_DIR / "logs", models=ALL_MODELS, idle_timeout_s="30") as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def served_whisper(model_repository: ModelRepository) -> WhisperRunner:
+    """Whisper tiny.en at its default version, as `brook serve` loads it."""
+    loaded = load_model(model_repository, "whisper-tiny-en")
+    return WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=2)
+
+
+@pytest.fixture(scope="session")
+def telephone_audio(speech_clips: dict[str, Path]) -> np.ndarray:
+    """The telephone test recording (16 kHz float32), which opens with "Hello? Hello?"."""
+    from tests.whisper_test_audio import read_clip  # it imports this module
+
+    return read_clip(speech_clips["telephone"])

@@ -7,8 +7,6 @@ timestamp 18.64 s, three seconds of speech before the end of its audio. Without 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -20,11 +18,8 @@ from app.engine.speech_decode import (
     continuation_offset,
     transcribe_group,
 )
-from app.repository import ModelRepository
 from app.speech.wer import normalize_words
 from app.speech.whisper_runner import DecodeResult, WhisperRunner
-from tests.conftest import load_model
-from tests.whisper_test_audio import read_clip
 
 SECOND = 16_000
 TIMESTAMP_BEGIN = 50_363  # Whisper tiny.en's <|0.00|>
@@ -75,34 +70,23 @@ def test_no_continuation_without_progress_or_enough_audio() -> None:
     assert continuation_offset(0, job, result(tokens), NO_CONTINUATION, TIMESTAMP_BEGIN) is None
 
 
-@pytest.fixture(scope="module")
-def runner(model_repository: ModelRepository) -> WhisperRunner:
-    loaded = load_model(model_repository, "whisper-tiny-en")  # the default version, as served
-    return WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=2)
-
-
-@pytest.fixture(scope="module")
-def telephone(speech_clips: dict[str, Path]) -> np.ndarray:
-    return read_clip(speech_clips["telephone"])
-
-
-def decode_final(runner: WhisperRunner, audio: np.ndarray, policy: DecodePolicy) -> WindowText:
-    frames = policy.window_frames(audio.shape[0], "final", runner.max_frames)
+def decode_final(served_whisper: WhisperRunner, audio: np.ndarray, policy: DecodePolicy) -> WindowText:
+    frames = policy.window_frames(audio.shape[0], "final", served_whisper.max_frames)
     job = WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]))
-    texts, _ = transcribe_group(runner, [job], policy, PromptRules.from_config(runner.config))
+    texts, _ = transcribe_group(served_whisper, [job], policy, PromptRules.from_config(served_whisper.config))
     return texts[0]
 
 
 @pytest.mark.slow
 def test_a_final_closed_early_is_decoded_on_to_the_end_of_its_audio(
-    runner: WhisperRunner, telephone: np.ndarray
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray
 ) -> None:
-    audio = telephone[int(6.5 * SECOND) : int(28.5 * SECOND)]
-    plain = decode_final(runner, audio, NO_CONTINUATION)
+    audio = telephone_audio[int(6.5 * SECOND) : int(28.5 * SECOND)]
+    plain = decode_final(served_whisper, audio, NO_CONTINUATION)
     assert plain.continuations == 0 and "yankee" not in normalize_words(plain.text), (
         f"the premise changed: the first decoding now covers the whole window: {plain.text!r}"
     )
-    continued = decode_final(runner, audio, DecodePolicy())
+    continued = decode_final(served_whisper, audio, DecodePolicy())
     words, first = normalize_words(continued.text), normalize_words(plain.text)
     assert continued.continuations >= 1
     assert words[: len(first)] == first, f"{continued.text!r} does not extend {plain.text!r}"
@@ -111,31 +95,32 @@ def test_a_final_closed_early_is_decoded_on_to_the_end_of_its_audio(
 
 
 @pytest.mark.slow
-def test_silence_after_the_speech_adds_no_words(runner: WhisperRunner, telephone: np.ndarray) -> None:
-    speech = telephone[int(24.5 * SECOND) : int(30 * SECOND)]
+def test_silence_after_the_speech_adds_no_words(served_whisper: WhisperRunner, telephone_audio: np.ndarray) -> None:
+    speech = telephone_audio[int(24.5 * SECOND) : int(30 * SECOND)]
     audio = np.concatenate([speech, np.zeros(4 * SECOND, dtype=np.float32)])
-    plain = decode_final(runner, audio, NO_CONTINUATION)
-    continued = decode_final(runner, audio, DecodePolicy())
+    plain = decode_final(served_whisper, audio, NO_CONTINUATION)
+    continued = decode_final(served_whisper, audio, DecodePolicy())
     assert plain.text and continued.text == plain.text
     assert continued.continuations == 1  # it looked at the 4 s of silence and found no speech there
 
 
 @pytest.mark.slow
 def test_a_final_that_loops_from_its_start_is_decoded_again_from_what_the_partials_agreed_on(
-    runner: WhisperRunner, telephone: np.ndarray
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray
 ) -> None:
     """The opening of the telephone recording makes Whisper repeat "Hello?" to the token limit, timestamps and all.
     A browser test once saw a whole 24 s utterance end as the final "Hello." that way. With the words the
     utterance's partials agreed on, the final is decoded again without timestamps and says more."""
-    audio = telephone[int(0.1 * SECOND) : int(8.6 * SECOND)]
+    audio = telephone_audio[int(0.1 * SECOND) : int(8.6 * SECOND)]
     policy = DecodePolicy()
-    frames = policy.window_frames(audio.shape[0], "final", runner.max_frames)
-    rules = PromptRules.from_config(runner.config)
-    (looped,) = transcribe_group(runner, [WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]))],
-                                 policy, rules)[0]
+    frames = policy.window_frames(audio.shape[0], "final", served_whisper.max_frames)
+    rules = PromptRules.from_config(served_whisper.config)
+    (looped,) = transcribe_group(
+        served_whisper, [WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]))], policy, rules
+    )[0]
     assert looped.collapsed and looped.hit_token_limit, f"the premise changed: {looped.text!r}"
-    agreed = tuple(runner.tokenizer.encode(" Hello? Hello? Oh, hello. I didn't know"))
+    agreed = tuple(served_whisper.tokenizer.encode(" Hello? Hello? Oh, hello. I didn't know"))
     job = WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]), agreed=agreed)
-    (again,) = transcribe_group(runner, [job], policy, rules)[0]
+    (again,) = transcribe_group(served_whisper, [job], policy, rules)[0]
     assert again.text.startswith("Hello? Hello? Oh, hello. I didn't know"), again.text
     assert len(normalize_words(again.text)) > len(normalize_words(looped.text))

@@ -6,73 +6,62 @@ must say what it says decoded token by token, whether the draft leaves some of t
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import pytest
 
 from app.engine.speech_decode import DecodePolicy, PromptRules, WindowJob, WindowText, transcribe_group
-from app.repository import ModelRepository
 from app.speech.whisper_runner import WhisperRunner
-from tests.conftest import load_model
-from tests.whisper_test_audio import read_clip
 
 SECOND = 16_000
 POLICY = DecodePolicy()
 
 
-@pytest.fixture(scope="module")
-def runner(model_repository: ModelRepository) -> WhisperRunner:
-    loaded = load_model(model_repository, "whisper-tiny-en")  # the default version, as served
-    return WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=2)
-
-
-@pytest.fixture(scope="module")
-def telephone(speech_clips: dict[str, Path]) -> np.ndarray:
-    return read_clip(speech_clips["telephone"])
-
-
-def partial_job(key: int, runner: WhisperRunner, audio: np.ndarray, draft: tuple[int, ...] = ()) -> WindowJob:
-    frames = POLICY.window_frames(audio.shape[0], "partial", runner.max_frames)
+def partial_job(key: int, served_whisper: WhisperRunner, audio: np.ndarray, draft: tuple[int, ...] = ()) -> WindowJob:
+    frames = POLICY.window_frames(audio.shape[0], "partial", served_whisper.max_frames)
     return WindowJob(key, "partial", audio, frames, POLICY.token_limit(audio.shape[0]), draft)
 
 
-def decode(runner: WhisperRunner, jobs: list[WindowJob]) -> list[WindowText]:
-    texts, _ = transcribe_group(runner, jobs, POLICY, PromptRules.from_config(runner.config))
+def decode(served_whisper: WhisperRunner, jobs: list[WindowJob]) -> list[WindowText]:
+    texts, _ = transcribe_group(served_whisper, jobs, POLICY, PromptRules.from_config(served_whisper.config))
     return texts
 
 
-def test_a_partial_decoded_from_its_own_tokens_says_the_same(runner: WhisperRunner, telephone: np.ndarray) -> None:
-    audio = telephone[9 * SECOND : 14 * SECOND]
-    (plain,) = decode(runner, [partial_job(0, runner, audio)])
+def test_a_partial_decoded_from_its_own_tokens_says_the_same(
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray
+) -> None:
+    audio = telephone_audio[9 * SECOND : 14 * SECOND]
+    (plain,) = decode(served_whisper, [partial_job(0, served_whisper, audio)])
     tokens = plain.text_tokens
     assert plain.text and len(tokens) > 6 and plain.drafted == 0
     for draft in (tokens[:-3], tokens):  # some text left to decode; all of it (EOT must be allowed at once)
-        (drafted,) = decode(runner, [partial_job(0, runner, audio, draft)])
+        (drafted,) = decode(served_whisper, [partial_job(0, served_whisper, audio, draft)])
         assert drafted.drafted == len(draft)
         assert drafted.text == plain.text and drafted.text_tokens == tokens
 
 
 def test_drafted_and_plain_partials_in_one_batch_each_say_what_they_say_alone(
-    runner: WhisperRunner, telephone: np.ndarray
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray
 ) -> None:
-    first = telephone[22 * SECOND : 28 * SECOND]
-    second = telephone[12 * SECOND : 17 * SECOND]
-    (first_alone,) = decode(runner, [partial_job(0, runner, first)])
-    (second_alone,) = decode(runner, [partial_job(0, runner, second)])
+    first = telephone_audio[22 * SECOND : 28 * SECOND]
+    second = telephone_audio[12 * SECOND : 17 * SECOND]
+    (first_alone,) = decode(served_whisper, [partial_job(0, served_whisper, first)])
+    (second_alone,) = decode(served_whisper, [partial_job(0, served_whisper, second)])
     draft = first_alone.text_tokens[:-2]
-    together = decode(runner, [partial_job(0, runner, first, draft), partial_job(1, runner, second)])
+    together = decode(
+        served_whisper, [partial_job(0, served_whisper, first, draft), partial_job(1, served_whisper, second)]
+    )
     assert [text.key for text in together] == [0, 1]
     assert together[0].text == first_alone.text and together[0].drafted == len(draft)
     assert together[1].text == second_alone.text and together[1].drafted == 0
 
 
-def test_a_draft_from_other_words_is_kept_and_the_rest_is_decoded(runner: WhisperRunner, telephone: np.ndarray) -> None:
+def test_a_draft_from_other_words_is_kept_and_the_rest_is_decoded(
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray
+) -> None:
     """A draft is a commitment: what the window is decoded on from is the draft, even where Whisper alone would have
     read the audio differently (the final, decoded from scratch, settles it)."""
-    audio = telephone[9 * SECOND : 14 * SECOND]
-    (plain,) = decode(runner, [partial_job(0, runner, audio)])
-    draft = tuple(runner.tokenizer.encode(" Goodbye."))
-    (drafted,) = decode(runner, [partial_job(0, runner, audio, draft)])
+    audio = telephone_audio[9 * SECOND : 14 * SECOND]
+    (plain,) = decode(served_whisper, [partial_job(0, served_whisper, audio)])
+    draft = tuple(served_whisper.tokenizer.encode(" Goodbye."))
+    (drafted,) = decode(served_whisper, [partial_job(0, served_whisper, audio, draft)])
     assert drafted.text_tokens[: len(draft)] == draft and drafted.text.startswith("Goodbye.")
     assert drafted.text != plain.text
