@@ -17,7 +17,8 @@ Per corpus:
   streamed finals against the offline transcript (what ``bench_speech_load`` reports).
 
     .venv/bin/python -m scripts.bench_speech_wer [--corpora librivox,espeak-en-us,espeak-en-gb]
-        [--version N] [--final-full-window] [--silence-padding] [--json docs/bench/speech_wer.json] [--label NAME]
+        [--version N] [--final-full-window] [--silence-padding] [--speech-pad-ms MS]
+        [--json docs/bench/speech_wer.json] [--label NAME]
 
 ``--final-full-window`` decodes finals in full 30 s windows as offline does (``DecodePolicy.final_full_window``)
 instead of the padded windows sized to the utterance; ``--silence-padding`` pads windows with silent audio instead
@@ -166,6 +167,8 @@ def main() -> int:
     parser.add_argument("--version", type=int, default=None, help="whisper-tiny-en version (default: the default)")
     parser.add_argument("--final-full-window", action="store_true", help="finals in 30 s windows, as offline")
     parser.add_argument("--silence-padding", action="store_true", help="pad windows with silent audio")
+    parser.add_argument("--speech-pad-ms", type=int, default=SpeechEngineSettings.speech_pad_ms,
+                        help="audio kept before and after each utterance (SpeechEngineSettings.speech_pad_ms)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--label", default="default")
     args = parser.parse_args()
@@ -173,11 +176,13 @@ def main() -> int:
     facts = machine_facts()
     settings = SpeechEngineSettings(
         max_partial_lag_s=None,
+        speech_pad_ms=args.speech_pad_ms,
         decode=DecodePolicy(final_full_window=args.final_full_window, silence_padding=args.silence_padding),
     )
     result = run(args.corpora.split(","), args.version, settings)
     result["final_full_window"] = args.final_full_window
     result["silence_padding"] = args.silence_padding
+    result["speech_pad_ms"] = args.speech_pad_ms
     print(render(result))
     stored: dict[str, Any] = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
     stored.setdefault("runs", {})[args.label] = {"machine": facts, **result}

@@ -48,6 +48,7 @@ from typing import Any, Final, Literal
 
 import numpy as np
 
+from app.engine.conversation import common_prefix_length
 from app.speech.decoding import TIME_PRECISION_S, DecodingRules, compression_ratio
 from app.speech.features import HOP_LENGTH, SAMPLE_RATE_HZ, TRANSCRIBE_PADDING_SAMPLES, log_mel_spectrogram
 from app.speech.whisper_runner import DecodeResult, EncoderOutput, LoopStop, WhisperRunner
@@ -200,20 +201,10 @@ def partial_draft(recent: Sequence[Sequence[int]], policy: DecodePolicy) -> tupl
     if agreement < 1 or len(recent) < agreement:
         return ()
     voters = recent[len(recent) - agreement :]
-    agreed = min(_common_prefix(voters[0], other) for other in voters[1:]) if agreement > 1 else len(voters[0])
+    agreed = min(common_prefix_length(voters[0], other) for other in voters[1:]) if agreement > 1 else len(voters[0])
     if agreed <= holdback:
         return ()
     return tuple(voters[-1][: agreed - holdback])
-
-
-def _common_prefix(left: Sequence[int], right: Sequence[int]) -> int:
-    """How many leading tokens the two sequences share."""
-    shared = 0
-    for a, b in zip(left, right, strict=False):
-        if a != b:
-            break
-        shared += 1
-    return shared
 
 
 @dataclass(frozen=True)
@@ -396,16 +387,15 @@ def _decode_looped_finals_again(
         return {}
     timestamp_begin = int(runner.config["timestamp_begin"])
     loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram)
-    stuck = [
-        row
+    said = {
+        row: _said(results[row].tokens, timestamp_begin, policy)
         for row, job in enumerate(jobs)
-        if job.kind == "final"
-        and row not in continued
-        and not results[row].reached_eot
-        and _said(results[row].tokens, timestamp_begin, policy) < _text_length(results[row].tokens, timestamp_begin)
-    ]
+        if job.kind == "final" and row not in continued and not results[row].reached_eot
+    }
     replaced: dict[int, DecodeResult] = {}
-    for row in stuck:
+    for row, before in said.items():
+        if before == sum(token < timestamp_begin for token in results[row].tokens):
+            continue  # nothing was collapsed: it did not loop
         job = jobs[row]
         prompt = [runner.sot, runner.no_timestamps, *job.agreed]
         limit = max(1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1,
@@ -414,7 +404,6 @@ def _decode_looped_finals_again(
         (again,) = runner.decode(encoded.select([row]), [prompt], max_new_tokens=[limit], rules=row_rules,
                                  loop_stop=loop_stop)
         again = dataclasses.replace(again, tokens=[*job.agreed, *again.tokens])
-        before = _said(results[row].tokens, timestamp_begin, policy)
         after = _said(again.tokens, timestamp_begin, policy)
         logger.info(
             "a final of %.1f s looped (%d text tokens once collapsed); decoded again "
@@ -425,10 +414,6 @@ def _decode_looped_finals_again(
         if after > before:
             replaced[row] = again
     return replaced
-
-
-def _text_length(tokens: Sequence[int], timestamp_begin: int) -> int:
-    return sum(token < timestamp_begin for token in tokens)
 
 
 def _said(tokens: Sequence[int], timestamp_begin: int, policy: DecodePolicy) -> int:
