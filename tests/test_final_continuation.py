@@ -105,14 +105,16 @@ def test_silence_after_the_speech_adds_no_words(served_whisper: WhisperRunner, t
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("stop_loops", [True, False], ids=["loop-stop", "no-loop-stop"])
 def test_a_final_that_loops_from_its_start_is_decoded_again_from_what_the_partials_agreed_on(
-    served_whisper: WhisperRunner, telephone_audio: np.ndarray
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray, stop_loops: bool
 ) -> None:
     """The opening of the telephone recording makes Whisper repeat "Hello?" to the token limit, timestamps and all.
     A browser test once saw a whole 24 s utterance end as the final "Hello." that way. With the words the
-    utterance's partials agreed on, the final is decoded again without timestamps and says more."""
+    utterance's partials agreed on, the final is decoded again without timestamps and says more, with or without
+    the loop stop."""
     audio = telephone_audio[int(0.1 * SECOND) : int(8.6 * SECOND)]
-    policy = DecodePolicy()
+    policy = DecodePolicy(stop_loops=stop_loops)
     frames = policy.window_frames(audio.shape[0], "final", served_whisper.max_frames)
     rules = PromptRules.from_config(served_whisper.config)
     (looped,) = transcribe_group(

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import numpy as np
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from app.engine.speech_decode import DecodePolicy, collapse_repeats, partial_draft
+from app.engine.speech_decode import DecodePolicy, WindowJob, align_drafts, collapse_repeats, partial_draft
 from app.engine.speech_streams import StreamState
 
 SECOND = 16_000
@@ -77,6 +78,31 @@ def test_with_agreement_a_draft_is_what_the_last_partials_share() -> None:
     assert partial_draft([(5,), older, newer], policy) == (10, 11)  # only the last two vote
     assert partial_draft([(9, 10), newer], policy) == ()
     assert partial_draft([older, newer], DecodePolicy()) == (10, 11, 12)  # the default: two agree, nothing held back
+
+
+def _job(key: int, kind: str, draft: tuple[int, ...]) -> WindowJob:
+    return WindowJob(key, kind, np.zeros(160, dtype=np.float32), 1000, 50, draft)  # type: ignore[arg-type]
+
+
+def test_the_drafts_of_a_batch_are_cut_to_shared_lengths() -> None:
+    jobs = [
+        _job(0, "partial", tuple(range(5))),
+        _job(1, "partial", tuple(range(9))),
+        _job(2, "partial", tuple(range(100, 114))),
+        _job(3, "partial", ()),
+        _job(4, "final", ()),
+    ]
+    aligned = align_drafts(jobs, DecodePolicy(partial_draft_multiple=4))
+    assert [job.draft for job in aligned] == [(0, 1, 2, 3), tuple(range(8)), tuple(range(100, 112)), (), ()]
+    assert [job.key for job in aligned] == [0, 1, 2, 3, 4]
+    by_eight = align_drafts(jobs, DecodePolicy(partial_draft_multiple=8))
+    assert sorted({len(job.draft) for job in by_eight}) == [0, 8]  # two decoder calls for the partials, not four
+    assert align_drafts(jobs, DecodePolicy()) == jobs  # off by default
+
+
+def test_a_lone_draft_is_not_cut() -> None:
+    jobs = [_job(0, "partial", tuple(range(5))), _job(1, "partial", ()), _job(2, "final", ())]
+    assert align_drafts(jobs, DecodePolicy(partial_draft_multiple=8)) == jobs
 
 
 def test_a_stream_keeps_the_partials_that_reach_furthest_in_the_current_utterance() -> None:

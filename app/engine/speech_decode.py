@@ -30,7 +30,8 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
 Partial drafts (``partial_draft_agreement``, 2 by default): a partial starts from the words the previous two
 partials of its utterance agree on (minus ``partial_draft_holdback`` tokens, 0 by default), fed after
 ``<|notimestamps|>`` in one decoder call (``partial_draft``); only the rest is decoded token by token. Finals never
-use drafts.
+use drafts. Optionally (``partial_draft_multiple``, off by default) the drafts of a batch are cut to a multiple of
+that many tokens so that they share decoder calls (``align_drafts``).
 
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
@@ -83,6 +84,11 @@ class DecodePolicy:
     # agreement 0: every partial is decoded from scratch. See ``partial_draft``.
     partial_draft_agreement: int = 2
     partial_draft_holdback: int = 0
+    # Drafts of different lengths cannot share a decoder call (the rows of a call share positions). M > 1: when
+    # several partials of one batch have drafts, each is cut to a multiple of M tokens so that they fall into a few
+    # shared calls (see ``align_drafts``). Off by default: measured at 8 it made partials more accurate but not
+    # sooner (docs/benchmarks.md, "Partial drafts").
+    partial_draft_multiple: int = 1
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -207,6 +213,21 @@ def partial_draft(recent: Sequence[Sequence[int]], policy: DecodePolicy) -> tupl
     return tuple(voters[-1][: agreed - holdback])
 
 
+def align_drafts(jobs: Sequence[WindowJob], policy: DecodePolicy) -> list[WindowJob]:
+    """The jobs of one batch with their partials' drafts cut to a multiple of ``partial_draft_multiple`` tokens when
+    more than one partial has a draft: rows share a decoder call only with rows of the same prompt length, so drafts
+    of 5, 9, 11 and 14 tokens would need four decoding loops, and cut to 0, 8, 8 and 8 they need two (the draft of 5
+    becomes a plain partial). The cut tokens are decoded again, which costs steps that are shared with the other
+    rows of the call. A lone drafted partial keeps its whole draft."""
+    multiple = policy.partial_draft_multiple
+    if multiple <= 1 or sum(1 for job in jobs if job.kind == "partial" and job.draft) < 2:
+        return list(jobs)
+    return [
+        dataclasses.replace(job, draft=job.draft[: len(job.draft) // multiple * multiple]) if job.draft else job
+        for job in jobs
+    ]
+
+
 @dataclass(frozen=True)
 class PromptRules:
     """The decoding rules of each kind of window."""
@@ -235,6 +256,7 @@ def transcribe_group(
     frames = {job.frames for job in jobs}
     if len(frames) != 1:
         raise ValueError(f"expected windows of one frame count per group, got {sorted(frames)}")
+    jobs = align_drafts(jobs, policy)
     n_mels = int(runner.config["n_mels"])
     started = time.perf_counter()
     padding = policy.silence_padding
@@ -382,11 +404,10 @@ def _decode_looped_finals_again(
     hellos, or "Hello?" segments with made-up timestamps to the end of the window), and the collapsed text would
     lose the utterance. Such a final is decoded again without timestamps, from the words its partials agreed on
     (``WindowJob.agreed``, if any), and the new result is kept if it says more once repeats are collapsed.
-    Returns the replaced results."""
-    if not policy.stop_loops:
-        return {}
+    Returns the replaced results. (With ``stop_loops`` off such a final runs on to the token limit; it is decoded
+    again all the same, also without the loop stop.)"""
     timestamp_begin = int(runner.config["timestamp_begin"])
-    loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram)
+    loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
     said = {
         row: _said(results[row].tokens, timestamp_begin, policy)
         for row, job in enumerate(jobs)
@@ -398,17 +419,22 @@ def _decode_looped_finals_again(
             continue  # nothing was collapsed: it did not loop
         job = jobs[row]
         prompt = [runner.sot, runner.no_timestamps, *job.agreed]
-        limit = max(1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1,
-                           job.max_new_tokens - len(job.agreed)))
+        limit = max(
+            1, min(runner.n_text_ctx // 2, runner.n_text_ctx - len(prompt) + 1, job.max_new_tokens - len(job.agreed))
+        )
         row_rules = dataclasses.replace(rules.partial, suppress_blank=not job.agreed)
-        (again,) = runner.decode(encoded.select([row]), [prompt], max_new_tokens=[limit], rules=row_rules,
-                                 loop_stop=loop_stop)
+        (again,) = runner.decode(
+            encoded.select([row]), [prompt], max_new_tokens=[limit], rules=row_rules, loop_stop=loop_stop
+        )
         again = dataclasses.replace(again, tokens=[*job.agreed, *again.tokens])
         after = _said(again.tokens, timestamp_begin, policy)
         logger.info(
             "a final of %.1f s looped (%d text tokens once collapsed); decoded again "
             "without timestamps from %d agreed tokens: %d text tokens, %s",
-            job.audio.shape[0] / SAMPLE_RATE_HZ, before, len(job.agreed), after,
+            job.audio.shape[0] / SAMPLE_RATE_HZ,
+            before,
+            len(job.agreed),
+            after,
             "kept" if after > before else "not kept",
         )
         if after > before:
@@ -478,7 +504,11 @@ def _window_text(
         logger.info(
             "a final of %.1f s stopped without EOT (loop stop or token limit) after %d tokens, %d continuation(s): "
             "%r; tokens %s",
-            job.audio.shape[0] / SAMPLE_RATE_HZ, len(kept), continuations, text[:80], kept[:40],
+            job.audio.shape[0] / SAMPLE_RATE_HZ,
+            len(kept),
+            continuations,
+            text[:80],
+            kept[:40],
         )
     return WindowText(
         job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations, len(job.draft), draft_source
