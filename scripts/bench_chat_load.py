@@ -2,7 +2,8 @@
 
     .venv/bin/python -m scripts.bench_chat_load [--systems brook-ws,brook-openai,llama-server,llama-cpp-python]
         [--levels 1,2,4,8,16] [--turns 3] [--max-tokens 64] [--json docs/bench/chat_load.json]
-        [--stagger-ms 25] [--think-ms 0] [--brook-env KEY=VALUE ...] [--llama-server-args "--poll 0"]
+        [--stagger-ms 25] [--think-ms 0] [--brook-env KEY=VALUE ...] [--brook-version N]
+        [--llama-server-args "--poll 0"]
         [--anchor-env OMP_WAIT_POLICY=passive] [--system-prompt short|long]
         [--resume] [--render]
 
@@ -177,6 +178,7 @@ class Workload:
     llama_server_args: tuple[str, ...] = ()
     anchor_env: tuple[tuple[str, str], ...] = ()
     system_prompt: str = SYSTEM_PROMPT
+    brook_version: int | None = None  # Brook's clients pin this version of the model (default: the A/B draw)
 
     def slot_context(self) -> int:
         """Tokens one conversation can need (system + first prompt + replies + follow-ups), rounded up to 256."""
@@ -270,10 +272,12 @@ def start_system(
         with brook_server(system, **settings) as server:
             sampling = Sampling(workload.max_tokens, {"ignore_eos": True} if workload.ignore_eos else {})
             command = [f"BROOK_{k.upper()}={v}" for k, v in settings.items()] + ["brook", "serve", "--no-fetch"]
+            version = workload.brook_version
             if system == "brook-ws":
-                yield server, lambda: BrookChatSocket(server.ws, MODEL_NAME, sampling), command
+                yield server, lambda: BrookChatSocket(server.ws, MODEL_NAME, sampling, version=version), command
             else:
-                yield server, lambda: OpenAIStreamClient(server.http, MODEL_NAME, sampling), command
+                pinned = MODEL_NAME if version is None else f"{MODEL_NAME}@{version}"
+                yield server, lambda: OpenAIStreamClient(server.http, pinned, sampling), command
         return
     port = free_port()
     threads = str(workload.threads)
@@ -482,6 +486,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--anchor-env", action="append", default=[], help="environment of both anchors: K=V (OMP_WAIT_POLICY=passive)"
     )
     parser.add_argument("--brook-env", action="append", default=[], help="BROOK_* setting for brook serve: K=V")
+    parser.add_argument(
+        "--brook-version", type=int, default=None, help="Brook's clients pin this model version (default: A/B draw)"
+    )
     parser.add_argument("--system-prompt", choices=sorted(SYSTEM_PROMPTS), default="short",
                         help="every session's system prompt: short (~20 tokens) or long (~300, a product's rules)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON, help="output JSON")
@@ -513,6 +520,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         tuple(shlex.split(args.llama_server_args)),
         tuple(_parse_pairs(args.anchor_env, "--anchor-env").items()),
         SYSTEM_PROMPTS[args.system_prompt],
+        args.brook_version,
     )
     brook_env = _brook_settings(args.brook_env)
     gguf = _smollm2_gguf()
@@ -538,6 +546,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "llama_server_args": list(workload.llama_server_args),
             "anchor_env": dict(workload.anchor_env),
             "brook_env": brook_env,
+            "brook_version": args.brook_version,
             "gguf": gguf.name,
             "system_prompt": workload.system_prompt,
             "first_turn_template": FIRST_TURN,

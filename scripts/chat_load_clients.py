@@ -96,8 +96,8 @@ class ChatClient(Protocol):
 class BrookChatSocket:
     """One conversation on Brook's ``WS /v1/chat``: each turn sends only the messages it adds."""
 
-    def __init__(self, ws_url: str, model: str, sampling: Sampling) -> None:
-        self._url = f"{ws_url}/v1/chat?model={model}"
+    def __init__(self, ws_url: str, model: str, sampling: Sampling, *, version: int | None = None) -> None:
+        self._url = f"{ws_url}/v1/chat?model={model}" + ("" if version is None else f"&version={version}")
         self._sampling = sampling
         self._socket: ClientConnection | None = None
 

@@ -32,6 +32,7 @@ from tests.smollm2_fixtures import (
 from tests.synthetic_llama_gguf import SYNTHETIC_MODELS, write_synthetic_gguf
 
 EXACT_TOLERANCE = 1e-3
+TWO_LEVEL_RELATIVE_TOLERANCE = 1e-4  # of the largest logit
 LEVEL4_MAX_ABS = 1.5
 LEVEL4_MIN_CORRELATION = 0.998
 TOP1_MARGIN = 0.1
@@ -110,9 +111,50 @@ def test_rescored_output_gives_exact_logits_to_the_best_tokens(
         assert np.abs(logits - expected).max() <= 0.05 * np.abs(expected).max()  # the rest: int8 accuracy
 
 
+def test_two_level_decode_graph_matches_reference(synthetic: tuple[Path, ReferenceLlama], tmp_path: Path) -> None:
+    """``decode_graph_rows``: a second graph whose 4-bit projections take int8 codes of the activations and of their
+    int8 residual; the runner runs calls of up to that many decode rows on it, and stays within fp32 tolerance."""
+    path, reference = synthetic
+    config = build_llama_onnx(GGUFModel(path), tmp_path, {"accuracy_level": 0, "decode_graph_rows": 2})
+    assert config["decode_model_file"] == "model_decode.onnx" and config["decode_graph_rows"] == 2
+    levels = {
+        {a.name: a.i for a in node.attribute}["accuracy_level"]
+        for node in onnx.load(str(tmp_path / "model_decode.onnx")).graph.node
+        if node.op_type == "MatMulNBits" and {a.name: a.i for a in node.attribute}["bits"] == 4
+    }
+    assert levels in (set(), {4})  # a float model has no 4-bit projections
+
+    runner = LlamaRunner(tmp_path, config, max_batch_size=4, max_seq_len=128)
+    decode_calls = 0
+    run_decode = runner.decode_session.run_with_iobinding  # type: ignore[union-attr]
+
+    def counting_run(binding: Any) -> None:
+        nonlocal decode_calls
+        decode_calls += 1
+        run_decode(binding)
+
+    runner.decode_session.run_with_iobinding = counting_run  # type: ignore[union-attr,method-assign]
+    prompts = [list(SYNTHETIC_PROMPTS[1]), list(SYNTHETIC_PROMPTS[2])]
+    slots = [runner.allocate_slot() for _ in prompts]
+    runner.step([StepInput(slot, prompt) for slot, prompt in zip(slots, prompts, strict=True)])
+    assert decode_calls == 0  # prompts run on the fp32 graph
+    for rows in ([0], [0, 1]):  # one decode row, then two in one call
+        for row in rows:
+            prompts[row].append(3 + row)
+        logits = runner.step([StepInput(slots[row], [prompts[row][-1]]) for row in rows])
+        for row, row_logits in zip(rows, logits, strict=True):
+            expected = reference.forward(prompts[row])[-1]
+            # int8 residuals are about 2^-14 (6e-5) of the activations: 500x closer than int8 activations (5e-2)
+            tolerance = max(EXACT_TOLERANCE, TWO_LEVEL_RELATIVE_TOLERANCE * float(np.abs(expected).max()))
+            np.testing.assert_allclose(row_logits, expected, rtol=0, atol=tolerance)
+    assert decode_calls == 2
+
+
 @pytest.mark.parametrize(
     ("options", "message"),
     [
+        ({"decode_graph_rows": -1}, "decode_graph_rows"),
+        ({"decode_graph_rows": 2, "accuracy_level": 4}, "decode_graph_rows"),
         ({"output_rescore_tokens": -1}, "output_rescore_tokens"),
         ({"output_rescore_tokens": True}, "output_rescore_tokens"),
         ({"accuracy_level": 2}, "accuracy_level"),

@@ -186,7 +186,10 @@ class LlamaRunner:
         self.max_chunk_tokens = max_chunk_tokens
         # Decode-only calls of at most this many rows run one row per call (0: never); see FP32_SPLIT_DECODE_ROWS.
         int8_activations = int(config.get("accuracy_level", 0)) == 4
-        self.split_decode_rows = 0 if int8_activations else FP32_SPLIT_DECODE_ROWS
+        # Calls of at most this many decode rows run on the two-level int8 decode graph, when the model has one
+        # (app/convert/llama.py, "Two-level activations"); it also replaces splitting them into one-row calls.
+        self.decode_graph_rows = int(config.get("decode_graph_rows", 0)) if config.get("decode_model_file") else 0
+        self.split_decode_rows = 0 if int8_activations or self.decode_graph_rows else FP32_SPLIT_DECODE_ROWS
         self.min_packed_rows = 1  # 2 where one-row projections round differently (module docstring), probed below
         self.cache = KVCache(
             KVCacheLayout(
@@ -201,8 +204,15 @@ class LlamaRunner:
         self.session: ort.InferenceSession = create_session(
             model_dir / str(config["model_file"]), intra_op_threads, allow_spinning=allow_spinning
         )
-        self._check_session()
-        self._bindings: dict[tuple[int, int], ort.IOBinding] = {}
+        self.decode_session: ort.InferenceSession | None = None
+        if self.decode_graph_rows:
+            self.decode_session = create_session(
+                model_dir / str(config["decode_model_file"]), intra_op_threads, allow_spinning=allow_spinning
+            )
+        for session in (self.session, self.decode_session):
+            if session is not None:
+                self._check_session(session)
+        self._bindings: dict[tuple[bool, int, int], ort.IOBinding] = {}
         self._pending_copies: list[tuple[int, int, int]] = []  # (source, destination, length), see copy_prefix
         # written by the session in place; at least two rows for the doubled single row of int8 runners
         self._logits = np.empty((max(max_batch_size, 2), self.vocab_size), np.float32)
@@ -210,8 +220,8 @@ class LlamaRunner:
             self.min_packed_rows = 2 if self._one_row_calls_round_differently() else 1
             logger.info("int8 runner: one-token calls packed %d time(s) (batch invariance)", self.min_packed_rows)
 
-    def _check_session(self) -> None:
-        inputs = {i.name for i in self.session.get_inputs()}
+    def _check_session(self, session: ort.InferenceSession) -> None:
+        inputs = {i.name for i in session.get_inputs()}
         expected = {
             "input_ids",
             "chunk_index",
@@ -228,26 +238,29 @@ class LlamaRunner:
                 f"unexpected {sorted(inputs - expected)}"
             )
 
-    def _binding(self, first_slot: int, end_slot: int) -> ort.IOBinding:
-        """An IO binding with the KV rows of slots ``[first_slot, end_slot)`` bound, cached per range.
+    def _binding(self, first_slot: int, end_slot: int, decode_graph: bool = False) -> ort.IOBinding:
+        """An IO binding of the main or the decode graph with the KV rows of slots ``[first_slot, end_slot)`` bound,
+        cached per graph and range.
 
         ``past_*`` and ``present_*`` are bound to the same memory, which puts GroupQueryAttention in shared-buffer
         mode: it appends the new keys and values in place. Callers bind the per-call inputs and ``logits`` before
         each run.
         """
-        binding = self._bindings.get((first_slot, end_slot))
+        key = (decode_graph, first_slot, end_slot)
+        binding = self._bindings.get(key)
         if binding is not None:
             return binding
         if len(self._bindings) >= MAX_CACHED_BINDINGS:
             self._bindings.clear()
-        binding = self.session.io_binding()
+        session = self.decode_session if decode_graph and self.decode_session is not None else self.session
+        binding = session.io_binding()
         shape = [end_slot - first_slot, *self.cache.layout.buffer_shape[1:]]
         for layer in range(self.n_layers):
             for kind, buffers in (("key", self.cache.keys), ("value", self.cache.values)):
                 pointer = self.cache.row_pointer(buffers[layer], first_slot)
                 binding.bind_input(f"past_{kind}.{layer}", "cpu", 0, np.float32, shape, pointer)
                 binding.bind_output(f"present_{kind}.{layer}", "cpu", 0, np.float32, shape, pointer)
-        self._bindings[(first_slot, end_slot)] = binding
+        self._bindings[key] = binding
         return binding
 
     def _one_row_calls_round_differently(self) -> bool:
@@ -379,12 +392,14 @@ class LlamaRunner:
             # An upper bound of every row's total; GroupQueryAttention also wants it >= the chunk.
             "total_sequence_length": np.array(max(int(seqlens_k.max()) + 1, chunk), np.int32),
         }
-        binding = self._binding(plan.first_slot, plan.end_slot)
+        decode_graph = offset == len(rows) <= self.decode_graph_rows  # only decode rows, few enough
+        binding = self._binding(plan.first_slot, plan.end_slot, decode_graph)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
         logits = self._logits[: logit_index.size]
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        self.session.run_with_iobinding(binding)
+        session = self.decode_session if decode_graph and self.decode_session is not None else self.session
+        session.run_with_iobinding(binding)
         for r in rows:
             self.cache.advance(slots[r], tokens[r].size)
         return logits[: len(rows)]
