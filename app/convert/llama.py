@@ -165,7 +165,7 @@ class _LlamaGraph:
             block_size=BLOCK_WEIGHTS,
             accuracy_level=INT8_ACTIVATIONS_LEVEL if two_level else self.accuracy_level,
         )
-        return self._sum_of_halves(y) if two_level else y
+        return self._sum_of_halves(y, n_out) if two_level else y
 
     def _with_int8_residual_rows(self, x: str, n_blocks: int) -> str:
         """``[x; x - int8(x)]``: the rows of ``x`` followed by what int8 quantization per block of 32 loses of them,
@@ -186,13 +186,10 @@ class _LlamaGraph:
         flat = g.op1("Reshape", [residual, g.const([0, n_blocks * BLOCK_WEIGHTS])])
         return g.op1("Concat", [x, flat], axis=0)
 
-    def _sum_of_halves(self, y: str) -> str:
-        """``y[:n] + y[n:]`` for ``y`` of ``2n`` rows."""
-        g = self.g
-        half = g.op1("Div", [g.op1("Gather", [g.op1("Shape", [y]), g.const([0])], axis=0), g.const(2)])
-        first = g.op1("Slice", [y, g.const([0]), half, g.const([0])])
-        second = g.op1("Slice", [y, half, g.const([2**62]), g.const([0])])
-        return g.op1("Add", [first, second])
+    def _sum_of_halves(self, y: str, n_out: int) -> str:
+        """``y[:n] + y[n:]`` for ``y`` of ``2n`` rows of ``n_out`` columns."""
+        halves = self.g.op1("Reshape", [y, self.g.const([2, -1, n_out])])
+        return self.g.op1("ReduceSum", [halves, self.g.const([0])], keepdims=0)
 
     def _add_block_offsets(self, x: str, y: str, offsets: np.ndarray) -> str:
         """``y + sum_b blocksum_b(x) * offsets[n, b]``: a per-block constant added to every weight, in fp32."""
