@@ -31,6 +31,7 @@ MODEL_NAME = "smollm2-135m-instruct"
 MODEL_DIR_ENV = "BROOK_LLM_MODEL_DIR"
 DEFAULT_FALLBACK_DIR = "/tmp/brook-llm/1"
 INT8_VERSION = 2  # the repository's version converted with int8 activations (accuracy_level 4)
+TWO_LEVEL_VERSION = 4  # v3 plus a decode graph with two-level int8 activations (decode_graph_rows = 4)
 RUNNER_SLOTS = 8
 RUNNER_MAX_SEQ_LEN = 1024
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16)
@@ -108,7 +109,14 @@ def int8_model() -> Model:
     return _build_model(*load_llm(INT8_VERSION, accuracy_level=4))
 
 
-@pytest.fixture(params=["model", "int8_model"])
+@pytest.fixture(scope="module")
+def two_level_model() -> Model:
+    """Version 4: v3 plus the two-level int8 graph for calls of up to 4 decode rows, so a row's calls switch between
+    two graphs as the batch grows and shrinks."""
+    return _build_model(*load_llm(TWO_LEVEL_VERSION))
+
+
+@pytest.fixture(params=["model", "int8_model", "two_level_model"])
 def any_model(request: pytest.FixtureRequest) -> Model:
     """Each model version the batching tests run on."""
     loaded: Model = request.getfixturevalue(request.param)
@@ -119,14 +127,17 @@ def assert_same_logits(model: Model, actual: np.ndarray, expected: np.ndarray) -
     """Logits of one row computed in different batch layouts agree: to 1e-3 where the model is fp32 (everything in
     v1; with ``output_rescore_tokens = k``, the best tokens, recomputed exactly). The int8-accurate tail of a rescored
     output projection may move by a quantization step (measured up to 0.016) when float rounding upstream moves an
-    activation across an int8 rounding boundary."""
+    activation across an int8 rounding boundary. With a two-level decode graph (v4) a row's small calls run on that
+    graph and its big ones on the fp32 graph, which agree to about 2^-14 of the activations: the best logits to 0.05
+    (measured up to 0.023 over 631 positions, tests/test_llamacpp_agreement.py)."""
     rescored = int(model.config.get("output_rescore_tokens", 0))
+    best_tolerance = 0.05 if model.config.get("decode_graph_rows") else 1e-3
     if not rescored:
-        np.testing.assert_allclose(actual, expected, atol=1e-3, rtol=0)
+        np.testing.assert_allclose(actual, expected, atol=best_tolerance, rtol=0)
         return
     best = np.argsort(expected, axis=-1)[..., -(rescored // 2) :]  # surely inside both layouts' rescored sets
     np.testing.assert_allclose(
-        np.take_along_axis(actual, best, -1), np.take_along_axis(expected, best, -1), atol=1e-3, rtol=0
+        np.take_along_axis(actual, best, -1), np.take_along_axis(expected, best, -1), atol=best_tolerance, rtol=0
     )
     np.testing.assert_allclose(actual, expected, atol=0.1, rtol=0)
 
