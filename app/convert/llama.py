@@ -41,10 +41,12 @@ Two-level activations (option ``decode_graph_rows = r``, SmolLM2 v4): a second g
 calls of at most ``r`` decode rows, where fp32-activation MatMulNBits is slowest (a GEMV per row, or a full
 dequantization for an SGEMM). Its 4-bit projections take ``[x; x - int8(x)]`` at accuracy level 4: int8 codes of
 the activations plus int8 codes of what those codes lost, so the two products sum to ``W @ x`` within about 2^-14
-of ``x`` (single-level int8, v2, is off by 2^-7 and flips answers). On the AVX2 machine one decode row costs 21
-instead of 31 ms of CPU and two rows 29 instead of 61; from about 8 rows on, and for prefill, the fp32 graph is
-faster, so the runner picks the graph per call. Measured against v3: the same argmax at all 631 teacher-forced
-positions of ``tests/test_llamacpp_agreement.py``, logits of the tokens near the top within 0.003 at p99.
+of ``x`` (single-level int8, v2, is off by 2^-7 and flips answers). On the AVX2 machine a served chat stream
+decodes 1.2x faster than with v3 alone and two streams 1.6x faster (30 against 38 and 21 against 38 ms of server
+CPU per token, ``scripts/bench_chat_load.py``, docs/benchmarks.md); in a throwaway runner timing the fp32 graph
+was faster from 8 rows on (45 against 50 ms per step) and for a 200-token prompt (347 against 710 ms), so the
+runner picks the graph per call. Against v3: the same argmax at all 631 teacher-forced positions of
+``tests/test_llamacpp_agreement.py``, logits of the tokens near the top within 0.0024 at p99.
 """
 
 from __future__ import annotations
