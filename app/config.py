@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
-from typing import Any, get_type_hints
+from typing import Any, Final, get_type_hints
 
 from app.paths import default_model_dir
 
@@ -35,6 +35,7 @@ class Settings:
     speech_workers: int = 2  # batches each speech engine transcribes at once, on their own threads
     speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
     speech_partial_draft_agreement: int = 2  # a partial starts from what this many previous ones agree on (0 = off)
+    speech_partial_draft_verify: bool = False  # keep a partial's draft only as far as greedy decoding agrees
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)
@@ -55,7 +56,15 @@ class Settings:
         return replace(self, **{k: v for k, v in values.items() if v is not None})
 
 
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+
+
 def _convert(raw: str, kind: Any, name: str) -> Any:
+    if kind is bool:
+        if raw.strip().lower() not in _TRUE | _FALSE:
+            raise ValueError(f"{ENV_PREFIX}{name.upper()} must be 1/true/yes/on or 0/false/no/off, got {raw!r}")
+        return raw.strip().lower() in _TRUE
     try:
         if kind is int:
             return int(raw)

@@ -21,7 +21,7 @@ cut to ``--seconds`` and started at a staggered offset) in ``--chunk-ms`` chunks
     .venv/bin/python -m scripts.bench_speech_engine [--streams 1,4,8,16,24] [--seconds 30] [--chunk-ms 100]
         [--whisper-dir DIR] [--whisper-version 1] [--final-windows default|full|bucketed]
         [--min-window-s S] [--pad-s S] [--bucket-s S] [--partial-draft-holdback K] [--partial-draft-agreement N]
-        [--partial-draft-multiple M] [--partial-interval-s S] [--max-utterance-s S]
+        [--partial-draft-multiple M] [--partial-draft-verify] [--partial-interval-s S] [--max-utterance-s S]
         [--json docs/bench/speech_engine.json] [--label NAME]
 
 Results are merged into the JSON file per (label, level) as each level finishes, so an interrupted sweep can be
@@ -222,7 +222,12 @@ def build_settings(args: argparse.Namespace) -> SpeechEngineSettings:
     if args.final_windows != "default":
         decode = dataclasses.replace(decode, final_full_window=args.final_windows == "full")
     policy_fields = ("min_window_s", "pad_s", "bucket_s")
-    draft_fields = ("partial_draft_holdback", "partial_draft_agreement", "partial_draft_multiple")
+    draft_fields = (
+        "partial_draft_holdback",
+        "partial_draft_agreement",
+        "partial_draft_multiple",
+        "partial_draft_verify",
+    )
     for name in (*policy_fields, *draft_fields):
         if getattr(args, name) is not None:
             decode = dataclasses.replace(decode, **{name: getattr(args, name)})
@@ -252,6 +257,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--partial-draft-multiple", type=int, default=None, help="DecodePolicy value (default 1: drafts never cut)"
+    )
+    parser.add_argument(
+        "--partial-draft-verify", action="store_true", default=None, help="DecodePolicy.partial_draft_verify = True"
     )
     parser.add_argument("--partial-interval-s", type=float, default=None, help="SpeechEngineSettings value")
     parser.add_argument("--max-utterance-s", type=float, default=None, help="SpeechEngineSettings value")

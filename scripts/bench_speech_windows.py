@@ -19,7 +19,8 @@ A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn `
 (``DecodePolicy.partial_draft_agreement``, default 2; ``:agree0`` decodes every partial from scratch; with drafts
 the partials of an utterance are decoded in order) and ``:draftK`` to leave the draft's last K tokens to decode
 (``partial_draft_holdback``, default 0) and ``:multM`` to cut the drafts of a batch's partials to multiples of M
-tokens (``partial_draft_multiple``, default 1: never cut); the ``cont``
+tokens (``partial_draft_multiple``, default 1: never cut) and ``:verify`` to keep drafts only as far as greedy
+decoding agrees (``partial_draft_verify``); the ``cont``
 column counts the continuation windows decoded, ``drafted`` the partial tokens taken from drafts instead of decoded,
 ``tokens`` the tokens decoded.
 """
@@ -216,6 +217,7 @@ def main() -> int:
             partial_draft_agreement=flag_value(fields, "agree", DecodePolicy.partial_draft_agreement),
             partial_draft_holdback=flag_value(fields, "draft", DecodePolicy.partial_draft_holdback),
             partial_draft_multiple=flag_value(fields, "mult", DecodePolicy.partial_draft_multiple),
+            partial_draft_verify="verify" in fields,
         )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0

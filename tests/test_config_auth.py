@@ -18,7 +18,14 @@ def test_settings_from_env_converts_types() -> None:
     assert settings.model_dir == Path("/srv/models") and settings.models == ("whisper-tiny-en",)
 
 
+@pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("On", True), ("0", False), ("no", False)])
+def test_boolean_settings_read_words_and_digits(raw: str, expected: bool) -> None:
+    assert settings_from_env({"BROOK_SPEECH_PARTIAL_DRAFT_VERIFY": raw}).speech_partial_draft_verify is expected
+
+
 def test_settings_errors_name_the_variable() -> None:
+    with pytest.raises(ValueError, match="BROOK_SPEECH_PARTIAL_DRAFT_VERIFY must be 1/true"):
+        settings_from_env({"BROOK_SPEECH_PARTIAL_DRAFT_VERIFY": "maybe"})
     with pytest.raises(ValueError, match="BROOK_PORT must be int, got 'eighty'"):
         settings_from_env({"BROOK_PORT": "eighty"})
     with pytest.raises(ValueError, match="unknown settings: colour"):

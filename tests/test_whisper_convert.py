@@ -73,7 +73,27 @@ class Converted:
     def step(
         self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross: tuple[np.ndarray, np.ndarray]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        feed = {"tokens": tokens, "self_k": self_k, "self_v": self_v, "cross_k": cross[0], "cross_v": cross[1]}
+        """One decoder call: the last position's logits [B, vocab] and the grown caches."""
+        logits, new_k, new_v = self.step_positions(tokens, self_k, self_v, cross, 1)
+        return logits[:, -1], new_k, new_v
+
+    def step_positions(
+        self,
+        tokens: np.ndarray,
+        self_k: np.ndarray,
+        self_v: np.ndarray,
+        cross: tuple[np.ndarray, np.ndarray],
+        n_logits: int,
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call: the logits [B, n_logits, vocab] of the last ``n_logits`` positions, and the caches."""
+        feed = {
+            "tokens": tokens,
+            "n_logits": np.array([n_logits], dtype=np.int64),
+            "self_k": self_k,
+            "self_v": self_v,
+            "cross_k": cross[0],
+            "cross_v": cross[1],
+        }
         logits, new_k, new_v = self.decoder.run(None, feed)
         return logits, new_k, new_v
 
@@ -214,11 +234,12 @@ def test_graph_io_contract(precision: str, request: pytest.FixtureRequest, windo
     ]
     assert list(_io(converted.directory / "decoder.onnx")) == [
         ("input", "tokens", i64, ["batch", "n_tokens"]),
+        ("input", "n_logits", i64, [1]),
         ("input", "self_k", f32, [N_LAYERS, "batch", N_HEADS, "past_len", HEAD_DIM]),
         ("input", "self_v", f32, [N_LAYERS, "batch", N_HEADS, "past_len", HEAD_DIM]),
         ("input", "cross_k", f32, cache),
         ("input", "cross_v", f32, cache),
-        ("output", "logits", f32, ["batch", N_VOCAB]),
+        ("output", "logits", f32, ["batch", "n_logits", N_VOCAB]),
         ("output", "new_self_k", f32, [N_LAYERS, "batch", N_HEADS, "total_len", HEAD_DIM]),
         ("output", "new_self_v", f32, [N_LAYERS, "batch", N_HEADS, "total_len", HEAD_DIM]),
     ]
@@ -230,6 +251,13 @@ def test_graph_io_contract(precision: str, request: pytest.FixtureRequest, windo
     logits, new_k, new_v = converted.step(np.array([[50257, 50362]]), empty, empty, (cross_k, cross_v))
     assert logits.shape == (1, N_VOCAB) and logits.dtype == np.float32
     assert new_k.shape == new_v.shape == (N_LAYERS, 1, N_HEADS, 2, HEAD_DIM)
+    # n_logits = 2: both positions' logits, the last one as before (drafts are verified this way)
+    both, _, _ = converted.step_positions(np.array([[50257, 50362]]), empty, empty, (cross_k, cross_v), 2)
+    assert both.shape == (1, 2, N_VOCAB)
+    np.testing.assert_allclose(both[:, 1], logits, atol=1e-4, rtol=0)
+    first, _, _ = converted.step(np.array([[50257]]), empty, empty, (cross_k, cross_v))
+    assert int(both[0, 0].argmax()) == int(first[0].argmax())
+    np.testing.assert_allclose(both[:, 0], first, atol=0.05, rtol=0)  # int8 projections may move by one step
 
 
 @pytest.fixture(scope="module")

@@ -8,10 +8,10 @@
 
 ``decoder.onnx``::
 
-    tokens [B, n], self_k/self_v [n_layers, B, n_heads, past, head_dim], cross_k, cross_v
+    tokens [B, n], n_logits [1], self_k/self_v [n_layers, B, n_heads, past, head_dim], cross_k, cross_v
       -> embeddings + positions[past : past+n]
       -> n_layers x (causal self-attention over past+new, cross-attention, MLP)
-      -> LayerNorm(last position) @ embeddings.T -> logits [B, n_vocab]
+      -> LayerNorm(last n_logits positions) @ embeddings.T -> logits [B, n_logits, n_vocab]
       -> new_self_k/new_self_v [n_layers, B, n_heads, past+n, head_dim]
 
 Precision "fp32" keeps every weight float32 (the CTranslate2 float16 values, widened exactly). Precision "int8"
@@ -25,7 +25,8 @@ Performance choices (each checked against CTranslate2 for identical greedy token
 - encoder self-attention uses contrib MultiHeadAttention (faster than MatMul/Softmax/MatMul at 1500 positions);
 - the decoder layers run as one Scan over the layer axis, so the per-layer slices of the [n_layers, ...]
   cache inputs are views rather than copies (see ``_decoder_layers``);
-- only the last position goes through the final LayerNorm and the vocabulary projection.
+- only the last ``n_logits`` positions (1 when decoding; a draft's length + 1 when verifying a draft fed in one
+  call) go through the final LayerNorm and the vocabulary projection.
 """
 
 from __future__ import annotations
@@ -266,7 +267,7 @@ def _cross_kv_outputs(g: GraphBuilder, x: str, w: _Weights, dims: WhisperDims, *
 def build_decoder(
     model: Ct2Model, dims: WhisperDims, plan: Int8Plan = FP32_PLAN, *, rescore_tokens: int = 0
 ) -> onnx.ModelProto:
-    """tokens + self/cross caches -> last-position logits + grown self caches.
+    """tokens + self/cross caches + n_logits -> logits of the last n_logits positions + grown self caches.
 
     ``rescore_tokens`` > 0 (fp32 plan only): the vocabulary projection runs on an int8 copy of the table with int8
     activations, then the ``rescore_tokens`` best logits are recomputed exactly in fp32 (see ``_TiedEmbedding``).
@@ -275,6 +276,7 @@ def build_decoder(
     g = GraphBuilder("whisper_decoder")
     n_layers, n_heads, head_dim = dims.n_layers, dims.n_heads, dims.head_dim
     tokens = g.add_input("tokens", INT64, ["batch", "n_tokens"])
+    n_logits = g.add_input("n_logits", INT64, [1])  # how many of the last positions get logits (at least 1)
     self_shape: list[Dim] = [n_layers, "batch", n_heads, "past_len", head_dim]
     cross_shape: list[Dim] = [n_layers, "batch", n_heads, "n_audio", head_dim]
     self_k = g.add_input("self_k", FLOAT, self_shape)
@@ -302,14 +304,18 @@ def build_decoder(
         with g.scope("layers"):
             x = _decoder_layers(g, w, x, (self_k, self_v, cross_k, cross_v), mask, dims)
         with g.scope("layer_norm"):
-            last = g.op1("Gather", [x, g.const(-1)], axis=1)  # [B, d]: only the last position is projected
-            last = w.layer_norm(g, last, "decoder/layer_norm")
+            # only the last n_logits positions are projected: 1 to decode, more to verify a draft fed at once
+            tail = g.op1("Slice", [x, g.op1("Neg", [n_logits]), g.const([2**62]), g.const([1])])
+            rows = w.layer_norm(g, g.op1("Reshape", [tail, g.const([-1, dims.d_model])]), "decoder/layer_norm")
         with g.scope("lm_head"):
-            embed_tokens.project(last, output="logits")
-    g.add_output("logits", FLOAT, ["batch", dims.n_vocab])
+            embed_tokens.project(rows, output="row_logits")  # [B * n_logits, n_vocab]
+            batch = g.op1("Shape", [tokens], start=0, end=1)
+            shape = g.op1("Concat", [batch, n_logits, g.const([dims.n_vocab])], axis=0)
+            g.op("Reshape", ["row_logits", shape], outputs=["logits"])
+    g.add_output("logits", FLOAT, ["batch", "n_logits", dims.n_vocab])
     g.add_output("new_self_k", FLOAT, [n_layers, "batch", n_heads, "total_len", head_dim])
     g.add_output("new_self_v", FLOAT, [n_layers, "batch", n_heads, "total_len", head_dim])
-    return g.build(doc_string="Whisper decoder step: tokens + caches -> last-position logits + grown self caches")
+    return g.build(doc_string="Whisper decoder step: tokens + caches -> last positions' logits + grown self caches")
 
 
 def _decoder_layers(

@@ -29,9 +29,12 @@ The guards (Whisper tiny.en loops on encoder inputs shorter than 3000 frames, se
 
 Partial drafts (``partial_draft_agreement``, 2 by default): a partial starts from the words the previous two
 partials of its utterance agree on (minus ``partial_draft_holdback`` tokens, 0 by default), fed after
-``<|notimestamps|>`` in one decoder call (``partial_draft``); only the rest is decoded token by token. Finals never
-use drafts. Optionally (``partial_draft_multiple``, off by default) the drafts of a batch are cut to a multiple of
-that many tokens so that they share decoder calls (``align_drafts``).
+``<|notimestamps|>`` in one decoder call (``partial_draft``); only the rest is decoded token by token. By default
+the draft is a commitment (agreed words stay until the final); with ``partial_draft_verify`` the runner checks it
+against the logits of every draft position and keeps it only as far as greedy decoding agrees, so a partial says
+exactly what it would say decoded from scratch. Finals never use drafts.
+Optionally (``partial_draft_multiple``, off by default) the drafts of a batch are cut to a multiple of that many
+tokens so that they share decoder calls (``align_drafts``).
 
 Text: the window's text tokens (timestamps dropped) decoded at once; Whisper starts every segment with a space, so
 this is the segments' texts, each stripped, joined with one space (runs of whitespace become one space).
@@ -80,10 +83,14 @@ class DecodePolicy:
     silence_padding: bool = False  # pad windows with silent audio, not log-mel zeros (worse: see window_features)
     max_continuations: int = 2  # continuation windows per final at most
     # A partial starts from the text its utterance's last ``partial_draft_agreement`` partials agree on, minus the last
-    # ``partial_draft_holdback`` tokens, fed as a prompt (one decoder call) instead of decoded again token by token;
-    # agreement 0: every partial is decoded from scratch. See ``partial_draft``.
+    # ``partial_draft_holdback`` tokens, fed in one decoder call instead of decoded again token by token; agreement 0:
+    # every partial is decoded from scratch. See ``partial_draft``.
     partial_draft_agreement: int = 2
     partial_draft_holdback: int = 0
+    # False: a draft is a commitment, fed as part of the prompt (agreed words stay until the final; partials come
+    # soonest). True: the runner verifies it and keeps it only as far as greedy decoding agrees, so a partial says
+    # exactly what it would decoded from scratch (fewer tokens saved). See docs/benchmarks.md, "Partial drafts".
+    partial_draft_verify: bool = False
     # Drafts of different lengths cannot share a decoder call (the rows of a call share positions). M > 1: when
     # several partials of one batch have drafts, each is cut to a multiple of M tokens so that they fall into a few
     # shared calls (see ``align_drafts``). Off by default: measured at 8 it made partials more accurate but not
@@ -112,7 +119,7 @@ class WindowJob:
     audio: np.ndarray  # float32 [samples], 16 kHz
     frames: int
     max_new_tokens: int
-    draft: tuple[int, ...] = ()  # partials: text tokens forced after the prompt (see ``partial_draft``)
+    draft: tuple[int, ...] = ()  # partials: the first text tokens, forced or verified (see ``partial_draft``)
     # Finals: the words the utterance's partials agreed on; the draft of the fallback decoding of a final that loops
     # before its first timestamp (see ``_decode_looped_finals_again``). Unused otherwise.
     agreed: tuple[int, ...] = ()
@@ -127,9 +134,9 @@ class WindowText:
     no_speech: bool  # the no-speech rule fired
     collapsed: bool  # repeated n-grams were collapsed
     hit_token_limit: bool  # the decoder was stopped by ``max_new_tokens``
-    n_tokens: int  # tokens of the result, a partial's draft included
+    n_tokens: int  # tokens of the result, the kept part of a partial's draft included
     continuations: int = 0  # continuation windows decoded after the first (finals only)
-    drafted: int = 0  # tokens of ``n_tokens`` that were forced from the draft, not decoded one by one
+    drafted: int = 0  # tokens of ``n_tokens`` taken from the draft in one call, not decoded one by one
     text_tokens: tuple[int, ...] = ()  # a partial's text tokens, the next partial's draft (empty if not shown)
 
 
@@ -201,8 +208,9 @@ def partial_draft(recent: Sequence[Sequence[int]], policy: DecodePolicy) -> tupl
     longest prefix the last ``partial_draft_agreement`` of them share (with 2, a word must have been read the same
     way twice, as whisper_streaming's LocalAgreement commits), without its last ``partial_draft_holdback`` tokens
     (the end of a partial is the least settled part: its last word may be cut); () when drafts are off, too few
-    partials agree, or nothing would be left. A partial started from a draft keeps it until the final, which is
-    always decoded from scratch."""
+    partials agree, or nothing would be left. By default a partial started from a draft keeps it until the final,
+    which is always decoded from scratch; with ``partial_draft_verify`` the runner keeps the draft only as far as
+    greedy decoding agrees with it, so a draft saves decoder calls but never changes a partial."""
     holdback, agreement = policy.partial_draft_holdback, policy.partial_draft_agreement
     if agreement < 1 or len(recent) < agreement:
         return ()
@@ -270,20 +278,24 @@ def transcribe_group(
         kinds.setdefault(job.kind, []).append(row)
     results: dict[int, DecodeResult] = {}
     partials = kinds.get("partial", [])
-    plain = [row for row in partials if not jobs[row].draft]
-    drafted = [row for row in partials if jobs[row].draft]
+    forced = [] if policy.partial_draft_verify else [row for row in partials if jobs[row].draft]
     calls = [
         (kinds.get("final", []), rules.final),
-        (plain, rules.partial),
-        # Drafted partials decode on from their draft: a blank or EOT right after it is allowed (no suppress_blank).
-        (drafted, dataclasses.replace(rules.partial, suppress_blank=False)),
+        ([row for row in partials if row not in forced], rules.partial),
+        # Forced drafts: a blank or EOT right after the draft is allowed (no suppress_blank).
+        (forced, dataclasses.replace(rules.partial, suppress_blank=False)),
     ]
     for rows, row_rules in calls:
         if not rows:
             continue
         prompts = [_prompt(runner, jobs[row]) for row in rows]
-        room = runner.n_text_ctx - max(len(prompt) for prompt in prompts) + 1
-        limits = [max(1, min(ceiling, room, jobs[row].max_new_tokens - len(jobs[row].draft))) for row in rows]
+        verified = [0 if row in forced else len(jobs[row].draft) for row in rows]  # draft tokens the runner checks
+        fixed_lengths = [len(prompt) - length for prompt, length in zip(prompts, verified, strict=True)]
+        room = runner.n_text_ctx - max(fixed_lengths) + 1
+        limits = [
+            max(1, min(ceiling, room, jobs[row].max_new_tokens - (len(jobs[row].draft) if row in forced else 0)))
+            for row in rows
+        ]
         chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
         decoded = runner.decode(
             chosen,
@@ -291,10 +303,12 @@ def transcribe_group(
             max_new_tokens=limits,
             rules=row_rules,
             loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
+            drafts=verified,
         )
         for row, result in zip(rows, decoded, strict=True):
-            draft = list(jobs[row].draft)
-            results[row] = dataclasses.replace(result, tokens=[*draft, *result.tokens]) if draft else result
+            draft = list(jobs[row].draft)  # forced: part of the prompt, so the result goes on from it
+            forced_result = dataclasses.replace(result, tokens=[*draft, *result.tokens], drafted=len(draft))
+            results[row] = forced_result if row in forced else result
     continued = _continue_early_finals(runner, jobs, results, policy, rules)
     results.update(_decode_looped_finals_again(runner, encoded, jobs, results, continued, policy, rules))
     texts = [
@@ -511,5 +525,5 @@ def _window_text(
             kept[:40],
         )
     return WindowText(
-        job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations, len(job.draft), draft_source
+        job.key, text, no_speech, collapsed, hit_limit, len(kept), continuations, result.drafted, draft_source
     )

@@ -52,7 +52,10 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
         intra_op_threads=settings.speech_threads,
         decode_workers=settings.speech_workers,
         max_batch_size=settings.speech_batch_size,
-        decode=DecodePolicy(partial_draft_agreement=max(0, settings.speech_partial_draft_agreement)),
+        decode=DecodePolicy(
+            partial_draft_agreement=max(0, settings.speech_partial_draft_agreement),
+            partial_draft_verify=settings.speech_partial_draft_verify,
+        ),
     )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
     engine = SpeechEngine(whisper, vad, engine_settings, observer)

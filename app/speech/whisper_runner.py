@@ -10,6 +10,14 @@ left in the batch keep being fed EOT and their outputs are ignored (rows do not 
 those it gets alone, up to the rounding of batched matrix products). Prompts are batched together only when they
 have the same length, because the decoder shares positions across rows; other lengths run as separate groups.
 
+Drafts (``decode(drafts=...)``): the last tokens of a prompt may be a guess at the row's first sampled tokens (a
+streaming partial's draft: what earlier partials of the utterance read). They are fed with the prompt in one call
+that returns the logits of every draft position, and each draft token is kept only while it is what greedy
+decoding picks there (the same masking rules, the same loop stop); decoding goes on from the first position where
+it is not, with the cache rolled back to it. A group's rows roll back to the shortest accepted prefix among them
+(a longer accepted prefix is decoded again token by token, to the same tokens), so the rows keep sharing calls.
+The result is greedy decoding's, whatever the draft; a good draft saves one decoder call per accepted token.
+
 The runner knows nothing about requests or sessions.
 """
 
@@ -35,7 +43,7 @@ ENCODER_FILE: Final = "encoder.onnx"
 DECODER_FILE: Final = "decoder.onnx"
 ENCODER_INPUTS: Final = ("mel",)
 ENCODER_OUTPUTS: Final = ("cross_k", "cross_v")
-DECODER_INPUTS: Final = ("tokens", "self_k", "self_v", "cross_k", "cross_v")
+DECODER_INPUTS: Final = ("tokens", "n_logits", "self_k", "self_v", "cross_k", "cross_v")
 DECODER_OUTPUTS: Final = ("logits", "new_self_k", "new_self_v")
 _NUMPY_BY_ORT_TYPE: Final[dict[str, type[np.floating[Any]]]] = {
     "tensor(float)": np.float32,
@@ -70,6 +78,7 @@ class DecodeResult:
     no_speech_prob: float  # P(<|nospeech|>) at the start-of-transcript position
     text: str  # text of the text tokens
     reached_eot: bool  # False when the token limit stopped the row
+    drafted: int = 0  # leading tokens taken from the prompt's draft (verified, not decoded one by one)
 
 
 @dataclass(frozen=True)
@@ -146,36 +155,46 @@ class WhisperRunner:
         max_new_tokens: int | Sequence[int] | None = None,
         rules: DecodingRules | None = None,
         loop_stop: LoopStop | None = None,
+        drafts: Sequence[int] | None = None,
     ) -> list[DecodeResult]:
         """Greedy-decode row ``i`` of ``encoder_output`` from ``prompts[i]``; one result per prompt, in order.
 
-        Each prompt is ``[<|startofprev|>, previous..., ] <|startoftranscript|> [language, task, notimestamps]``.
-        ``max_new_tokens`` caps the sampled tokens (EOT included), for all rows or per row; by default CTranslate2's
-        limit for the prompt's length. ``rules`` defaults to the config's rules, with timestamps unless the prompt
-        ends with ``<|notimestamps|>``. ``loop_stop`` (off by default, so offline transcription is unchanged) stops
-        a row as soon as its tokens end in a loop (``reached_eot`` is then False, as at the token limit).
+        Each prompt is ``[<|startofprev|>, previous..., ] <|startoftranscript|> [language, task, notimestamps]``,
+        followed by ``drafts[i]`` draft tokens (default 0): a guess at the first sampled tokens, kept as far as greedy
+        decoding agrees with it (module docstring); the result's ``tokens`` start with the kept part.
+        ``max_new_tokens`` caps the sampled tokens (EOT and kept draft tokens included), for all rows or per row; by
+        default CTranslate2's limit for the prompt's length. ``rules`` defaults to the config's rules, with
+        timestamps unless the prompt (before its draft) ends with ``<|notimestamps|>``. ``loop_stop`` (off by
+        default, so offline transcription is unchanged) stops a row as soon as its tokens end in a loop
+        (``reached_eot`` is then False, as at the token limit).
         """
         if len(prompts) != encoder_output.batch_size:
             raise ValueError(f"expected {encoder_output.batch_size} prompts (one per window), got {len(prompts)}")
-        groups: dict[tuple[int, int], list[int]] = {}
-        for row, prompt in enumerate(prompts):
+        draft_lengths = [0] * len(prompts) if drafts is None else [int(length) for length in drafts]
+        if len(draft_lengths) != len(prompts):
+            raise ValueError(f"expected {len(prompts)} draft lengths (one per prompt), got {len(draft_lengths)}")
+        groups: dict[tuple[int, int, int], list[int]] = {}
+        for row, (prompt, draft_length) in enumerate(zip(prompts, draft_lengths, strict=True)):
             if self.sot not in prompt:
                 raise ValueError(f"prompt {row} has no <|startoftranscript|> ({self.sot}): {list(prompt)[:8]}...")
-            groups.setdefault((len(prompt), list(prompt).index(self.sot)), []).append(row)
+            sot_index = list(prompt).index(self.sot)
+            if not 0 <= draft_length < len(prompt) - sot_index:
+                raise ValueError(f"prompt {row}: a draft of {draft_length} tokens must follow its start of transcript")
+            groups.setdefault((len(prompt), sot_index, draft_length), []).append(row)
         if isinstance(max_new_tokens, Sequence) and len(max_new_tokens) != len(prompts):
             raise ValueError(f"expected {len(prompts)} token limits (one per prompt), got {len(max_new_tokens)}")
         results: dict[int, DecodeResult] = {}
-        for rows in groups.values():
+        for (prompt_length, _, draft_length), rows in groups.items():
             group_prompts = [list(prompts[row]) for row in rows]
             group_encoder = encoder_output if len(rows) == len(prompts) else encoder_output.select(rows)
-            default = self.default_max_new_tokens(len(group_prompts[0]))
+            default = self.default_max_new_tokens(prompt_length - draft_length)
             if max_new_tokens is None:
                 limits = [default] * len(rows)
             elif isinstance(max_new_tokens, Sequence):
                 limits = [int(max_new_tokens[row]) for row in rows]
             else:
                 limits = [int(max_new_tokens)] * len(rows)
-            group_results = self._decode_group(group_encoder, group_prompts, limits, rules, loop_stop)
+            group_results = self._decode_group(group_encoder, group_prompts, limits, rules, loop_stop, draft_length)
             results.update(zip(rows, group_results, strict=True))
         return [results[row] for row in range(len(prompts))]
 
@@ -186,33 +205,52 @@ class WhisperRunner:
         limits: list[int],
         rules: DecodingRules | None,
         loop_stop: LoopStop | None = None,
+        draft_length: int = 0,
     ) -> list[DecodeResult]:
-        """Decode prompts of equal length with the SOT at the same index; row ``i`` samples at most ``limits[i]``."""
+        """Decode prompts of equal length with the SOT at the same index, each ending in ``draft_length`` draft
+        tokens; row ``i`` samples at most ``limits[i]``."""
         prompt_length = len(prompts[0])
+        fixed_length = prompt_length - draft_length  # the prompt without its draft
         for limit in limits:
-            if limit < 1 or prompt_length + limit - 1 > self.n_text_ctx:
+            if limit < 1 or fixed_length + limit - 1 > self.n_text_ctx:
                 raise ValueError(
-                    f"{limit} new tokens after a {prompt_length}-token prompt exceed {self.n_text_ctx} positions"
+                    f"{limit} new tokens after a {fixed_length}-token prompt exceed {self.n_text_ctx} positions"
                 )
         if rules is None:
-            rules = DecodingRules.from_config(self.config, with_timestamps=prompts[0][-1] != self.no_timestamps)
+            rules = DecodingRules.from_config(
+                self.config, with_timestamps=prompts[0][fixed_length - 1] != self.no_timestamps
+            )
         sot_index = prompts[0].index(self.sot)
         batch = len(prompts)
         cross_k, cross_v = encoder_output.cross_k, encoder_output.cross_v
         empty = np.zeros((self.n_layers, batch, self.n_heads, 0, self.head_dim), dtype=self._cache_dtype)
         tokens = np.asarray(prompts, dtype=np.int64)
         logits, self_k, self_v = self._step(tokens[:, : sot_index + 1], empty, empty, cross_k, cross_v)
-        no_speech = no_speech_probability(logits, int(self.config["no_speech"]))
+        no_speech = no_speech_probability(logits[:, -1], int(self.config["no_speech"]))
         if sot_index + 1 < prompt_length:
-            logits, self_k, self_v = self._step(tokens[:, sot_index + 1 :], self_k, self_v, cross_k, cross_v)
+            logits, self_k, self_v = self._step(
+                tokens[:, sot_index + 1 :], self_k, self_v, cross_k, cross_v, n_logits=draft_length + 1
+            )
 
         sampled: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
+        kept = 0
+        if draft_length:
+            drafts = [prompt[fixed_length:] for prompt in prompts]
+            kept, kept_logprobs = self._verify_drafts(logits, drafts, limits, rules, loop_stop)
+            # Roll every row back to the shortest kept prefix: the cache after it, the logits at it.
+            self_k, self_v = self_k[:, :, :, : fixed_length + kept], self_v[:, :, :, : fixed_length + kept]
+            for row in range(batch):
+                sampled[row] = list(drafts[row][:kept])
+                sums[row] = float(kept_logprobs[row, :kept].sum())
+            logits = logits[:, kept]
+        else:
+            logits = logits[:, -1]
         reached_eot = [False] * batch
         rows_in_batch = list(range(batch))  # original row of each batch row (finished rows stay until compaction)
         running = list(range(batch))  # batch positions of the rows still sampling
         next_tokens = np.full(batch, rules.eot, dtype=np.int64)
-        for step in range(max(limits)):
+        for step in range(kept, max(limits)):
             live = [rows_in_batch[position] for position in running]
             live_logits = logits if len(running) == len(rows_in_batch) else logits[running]
             chosen, log_probs = pick_tokens(mask_logits(live_logits, [sampled[row] for row in live], rules))
@@ -239,6 +277,7 @@ class WhisperRunner:
                 still_running = list(range(len(rows_in_batch)))
             running = still_running
             logits, self_k, self_v = self._step(next_tokens[:, None], self_k, self_v, cross_k, cross_v)
+            logits = logits[:, -1]
 
         return [
             DecodeResult(
@@ -248,15 +287,73 @@ class WhisperRunner:
                 no_speech_prob=float(no_speech[row]),
                 text=self.tokenizer.decode(sampled[row]),
                 reached_eot=reached_eot[row],
+                drafted=kept,
             )
             for row in range(batch)
         ]
 
+    def _verify_drafts(
+        self,
+        logits: np.ndarray,
+        drafts: list[list[int]],
+        limits: list[int],
+        rules: DecodingRules,
+        loop_stop: LoopStop | None,
+    ) -> tuple[int, np.ndarray]:
+        """How many leading draft tokens every row keeps, and each row's log-probability of the kept ones.
+
+        ``logits`` [rows, draft + 1, vocab] are those of the positions before each draft token and after the last.
+        A row keeps its draft up to the first token greedy decoding would not pick there, short of a token that
+        would end a loop (the loop stop is then left to the decoding) and of its token limit; the group keeps the
+        fewest any row keeps. Greedy picks a draft token where it is the raw argmax and ``rules`` do not mask it
+        (masking only lowers other tokens); where a masked token is the raw argmax the draft is cut, which costs
+        decoding steps but never changes the result. Timestamp rules depend on the history in other ways, so drafts
+        are for decoding without timestamps only.
+        """
+        if rules.with_timestamps:
+            raise ValueError("drafts are verified for decoding without timestamps only")
+        batch, positions, _ = logits.shape
+        draft_length = positions - 1
+        raw_best = np.argmax(logits[:, :draft_length], axis=-1)
+        masked_always = set(rules.suppress_ids)
+        masked_first = masked_always | (set(rules.suppress_ids_begin) if rules.suppress_blank else set())
+        kept = draft_length
+        for row, draft in enumerate(drafts):
+            agreed = 0
+            while (
+                agreed < draft_length
+                and int(raw_best[row, agreed]) == draft[agreed]
+                and draft[agreed] not in (masked_first if agreed == 0 else masked_always)
+            ):
+                agreed += 1
+            if loop_stop is not None:
+                agreed = next(
+                    (end - 1 for end in range(1, agreed + 1) if loop_stop.ends_in_loop(draft[:end])), agreed
+                )
+            kept = min(kept, agreed, limits[row] - 1)
+        kept = max(kept, 0)
+        if not kept:
+            return 0, np.zeros((batch, 0))
+        # the log-probabilities greedy decoding adds up for the kept tokens (they are its picks)
+        histories = [draft[:position] for draft in drafts for position in range(kept)]
+        rows = np.ascontiguousarray(logits[:, :kept]).reshape(batch * kept, -1)
+        _, log_probs = pick_tokens(mask_logits(rows, histories, rules))
+        return kept, log_probs.reshape(batch, kept)
+
     def _step(
-        self, tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross_k: np.ndarray, cross_v: np.ndarray
+        self,
+        tokens: np.ndarray,
+        self_k: np.ndarray,
+        self_v: np.ndarray,
+        cross_k: np.ndarray,
+        cross_v: np.ndarray,
+        *,
+        n_logits: int = 1,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One decoder call: logits [batch, n_logits, vocab] of the last ``n_logits`` positions, and the caches."""
         feed = {
             "tokens": np.ascontiguousarray(tokens, dtype=np.int64),
+            "n_logits": np.array([n_logits], dtype=np.int64),
             "self_k": self_k,
             "self_v": self_v,
             "cross_k": cross_k,
