@@ -454,7 +454,7 @@ def _check_anchors(systems: Sequence[str]) -> None:
         raise SystemExit(f"{LLAMACPP_PYTHON} is missing: run `bash scripts/setup_llamacpp_server.sh` first")
 
 
-RESUME_KEYS: Final = ("turns", "max_tokens", "threads", "stagger_ms", "think_ms")
+RESUME_KEYS: Final = ("turns", "max_tokens", "threads", "stagger_ms", "think_ms", "brook_version")
 
 
 def _check_same_workload(previous: dict[str, Any], args: argparse.Namespace) -> None:
