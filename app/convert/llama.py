@@ -46,7 +46,8 @@ decodes 1.2x faster than with v3 alone and two streams 1.6x faster (30 against 3
 CPU per token, ``scripts/bench_chat_load.py``, docs/benchmarks.md); in a throwaway runner timing the fp32 graph
 was faster from 8 rows on (45 against 50 ms per step) and for a 200-token prompt (347 against 710 ms), so the
 runner picks the graph per call. Against v3: the same argmax at all 631 teacher-forced positions of
-``tests/test_llamacpp_agreement.py``, logits of the tokens near the top within 0.0024 at p99.
+``tests/test_llamacpp_agreement.py`` (logits of the tokens near the top within 0.0024 at p99 in a throwaway
+comparison).
 """
 
 from __future__ import annotations
