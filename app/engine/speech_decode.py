@@ -306,9 +306,12 @@ def transcribe_group(
             drafts=verified,
         )
         for row, result in zip(rows, decoded, strict=True):
-            draft = list(jobs[row].draft)  # forced: part of the prompt, so the result goes on from it
-            forced_result = dataclasses.replace(result, tokens=[*draft, *result.tokens], drafted=len(draft))
-            results[row] = forced_result if row in forced else result
+            draft = jobs[row].draft  # forced: part of the prompt, so the result goes on from it
+            results[row] = (
+                dataclasses.replace(result, tokens=[*draft, *result.tokens], drafted=len(draft))
+                if row in forced
+                else result
+            )
     continued = _continue_early_finals(runner, jobs, results, policy, rules)
     results.update(_decode_looped_finals_again(runner, encoded, jobs, results, continued, policy, rules))
     texts = [

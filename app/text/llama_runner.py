@@ -238,6 +238,10 @@ class LlamaRunner:
                 f"unexpected {sorted(inputs - expected)}"
             )
 
+    def _session(self, decode_graph: bool) -> ort.InferenceSession:
+        """The decode graph's session when asked for and present, else the main graph's."""
+        return self.decode_session if decode_graph and self.decode_session is not None else self.session
+
     def _binding(self, first_slot: int, end_slot: int, decode_graph: bool = False) -> ort.IOBinding:
         """An IO binding of the main or the decode graph with the KV rows of slots ``[first_slot, end_slot)`` bound,
         cached per graph and range.
@@ -252,7 +256,7 @@ class LlamaRunner:
             return binding
         if len(self._bindings) >= MAX_CACHED_BINDINGS:
             self._bindings.clear()
-        session = self.decode_session if decode_graph and self.decode_session is not None else self.session
+        session = self._session(decode_graph)
         binding = session.io_binding()
         shape = [end_slot - first_slot, *self.cache.layout.buffer_shape[1:]]
         for layer in range(self.n_layers):
@@ -398,7 +402,7 @@ class LlamaRunner:
             binding.bind_cpu_input(name, value)
         logits = self._logits[: logit_index.size]
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
-        session = self.decode_session if decode_graph and self.decode_session is not None else self.session
+        session = self._session(decode_graph)
         session.run_with_iobinding(binding)
         for r in rows:
             self.cache.advance(slots[r], tokens[r].size)
