@@ -86,13 +86,16 @@ def _format_timestamp(seconds: float) -> str:
 
 def _cmd_transcribe(args: argparse.Namespace) -> int:
     from app.audio import load_audio
-    from app.speech.transcribe import transcribe
+    from app.speech.transcribe import TranscriptionOptions, transcribe
     from app.speech.whisper_runner import WhisperRunner
 
+    if args.beam_size < 1:
+        print(f"brook: error: --beam-size must be at least 1, got {args.beam_size}", file=sys.stderr)
+        return 2
     audio = load_audio(args.file)
     loaded = ModelRepository(args.model_dir).load(args.model, args.version)
     runner = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=args.threads)
-    result = transcribe(audio, runner)
+    result = transcribe(audio, runner, options=TranscriptionOptions(beam_size=args.beam_size))
     if args.json:
         print(json.dumps({
             "model": loaded.name,
@@ -116,7 +119,11 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         "models": tuple(args.models) if args.models else None,
         "api_keys": tuple(args.api_key) if args.api_key else None,
     }
-    settings = settings_from_env().with_overrides(overrides)
+    try:
+        settings = settings_from_env().with_overrides(overrides)
+    except ValueError as exc:  # a BROOK_* variable that does not parse or is out of range
+        print(f"brook: error: {exc}", file=sys.stderr)
+        return 2
     serve(settings, workers=args.workers, fetch=not args.no_fetch)
     return 0
 
@@ -255,6 +262,9 @@ def build_parser() -> argparse.ArgumentParser:
     transcribe.add_argument("--version", type=int, default=None, help="model version (default: the default one)")
     transcribe.add_argument("--threads", type=int, default=2, help="onnxruntime intra-op threads")
     transcribe.add_argument("--json", action="store_true", help="print JSON with segments")
+    transcribe.add_argument(
+        "--beam-size", type=int, default=1, help="beam search with this many hypotheses (default 1: greedy)"
+    )
     transcribe.set_defaults(handler=_cmd_transcribe)
 
     generate = commands.add_parser("generate", help="generate text with a local language model, streamed to stdout")

@@ -36,6 +36,7 @@ class Settings:
     speech_batch_size: int = 2  # windows per speech batch (smaller: lower latency under load, a little more CPU)
     speech_partial_draft_agreement: int = 2  # a partial starts from what this many previous ones agree on (0 = off)
     speech_partial_draft_verify: bool = False  # keep a partial's draft only as far as greedy decoding agrees
+    speech_final_beam_size: int = 1  # beam of every final's decoding (1: greedy; 5: fewer errors, slower finals)
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)
@@ -47,6 +48,11 @@ class Settings:
     version_policy: str = "weighted"  # versions loaded at start: "weighted" (default + A/B weight > 0) or "all"
     memory_trim_interval_s: float = 30.0  # return freed heap memory to the OS this often (glibc; 0 = never)
     malloc_mmap_threshold_kb: int = 1024  # C allocations this large get their own mmap (glibc; 0 = adaptive)
+
+    def __post_init__(self) -> None:
+        if self.speech_final_beam_size < 1:
+            beam = self.speech_final_beam_size
+            raise ValueError(f"BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1 (1: greedy), got {beam}")
 
     def with_overrides(self, values: Mapping[str, Any]) -> Settings:
         known = {f.name for f in fields(self)}

@@ -227,6 +227,7 @@ def build_settings(args: argparse.Namespace) -> SpeechEngineSettings:
         "partial_draft_agreement",
         "partial_draft_multiple",
         "partial_draft_verify",
+        "final_beam_size",
     )
     for name in (*policy_fields, *draft_fields):
         if getattr(args, name) is not None:
@@ -260,6 +261,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--partial-draft-verify", action="store_true", default=None, help="DecodePolicy.partial_draft_verify = True"
+    )
+    parser.add_argument(
+        "--final-beam-size", type=int, default=None, help="DecodePolicy.final_beam_size (default 1: greedy finals)"
     )
     parser.add_argument("--partial-interval-s", type=float, default=None, help="SpeechEngineSettings value")
     parser.add_argument("--max-utterance-s", type=float, default=None, help="SpeechEngineSettings value")

@@ -44,7 +44,7 @@ from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings
 from app.engine.speech_events import StreamEnded, StreamOptions, Transcript
 from app.paths import default_model_dir
 from app.repository import ModelRepository
-from app.speech.transcribe import transcribe
+from app.speech.transcribe import TranscriptionOptions, transcribe
 from app.speech.vad import VadRunner
 from app.speech.wer import edit_distance, normalize_words
 from app.speech.whisper_runner import WhisperRunner
@@ -98,7 +98,9 @@ async def streamed_finals(
         await engine.shutdown()
 
 
-def run(corpora: list[str], version: int | None, settings: SpeechEngineSettings) -> dict[str, Any]:
+def run(
+    corpora: list[str], version: int | None, settings: SpeechEngineSettings, offline_beam_size: int = 1
+) -> dict[str, Any]:
     repository = ModelRepository(default_model_dir())
     loaded = repository.load("whisper-tiny-en", version, check_hashes=False)
     whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=2)
@@ -108,7 +110,7 @@ def run(corpora: list[str], version: int | None, settings: SpeechEngineSettings)
     for name in corpora:
         clip = build_corpus(name, cache_dir() / "labelled-speech")
         audio = load_audio(clip.path)
-        offline = transcribe(audio, whisper).text.strip()
+        offline = transcribe(audio, whisper, options=TranscriptionOptions(beam_size=offline_beam_size)).text.strip()
         finals = asyncio.run(streamed_finals(whisper, vad, audio, settings))
         streamed = " ".join(finals)
         offline_score, streamed_score = score(clip.reference, offline), score(clip.reference, streamed)
@@ -169,6 +171,10 @@ def main() -> int:
     parser.add_argument("--silence-padding", action="store_true", help="pad windows with silent audio")
     parser.add_argument("--speech-pad-ms", type=int, default=SpeechEngineSettings.speech_pad_ms,
                         help="audio kept before and after each utterance (SpeechEngineSettings.speech_pad_ms)")
+    parser.add_argument("--final-beam-size", type=int, default=DecodePolicy.final_beam_size,
+                        help="beam of the streamed finals (DecodePolicy.final_beam_size; 1: greedy)")
+    parser.add_argument("--offline-beam-size", type=int, default=1,
+                        help="beam of the offline transcription (TranscriptionOptions.beam_size; 1: greedy)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
     parser.add_argument("--label", default="default")
     args = parser.parse_args()
@@ -177,12 +183,18 @@ def main() -> int:
     settings = SpeechEngineSettings(
         max_partial_lag_s=None,
         speech_pad_ms=args.speech_pad_ms,
-        decode=DecodePolicy(final_full_window=args.final_full_window, silence_padding=args.silence_padding),
+        decode=DecodePolicy(
+            final_full_window=args.final_full_window,
+            silence_padding=args.silence_padding,
+            final_beam_size=args.final_beam_size,
+        ),
     )
-    result = run(args.corpora.split(","), args.version, settings)
+    result = run(args.corpora.split(","), args.version, settings, args.offline_beam_size)
     result["final_full_window"] = args.final_full_window
     result["silence_padding"] = args.silence_padding
     result["speech_pad_ms"] = args.speech_pad_ms
+    result["final_beam_size"] = args.final_beam_size
+    result["offline_beam_size"] = args.offline_beam_size
     print(render(result))
     stored: dict[str, Any] = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}
     stored.setdefault("runs", {})[args.label] = {"machine": facts, **result}

@@ -20,7 +20,8 @@ A policy is ``min_window_s:pad_s:bucket_s``, with ``:noloop`` appended to turn `
 the partials of an utterance are decoded in order) and ``:draftK`` to leave the draft's last K tokens to decode
 (``partial_draft_holdback``, default 0) and ``:multM`` to cut the drafts of a batch's partials to multiples of M
 tokens (``partial_draft_multiple``, default 1: never cut) and ``:verify`` to keep drafts only as far as greedy
-decoding agrees (``partial_draft_verify``); the ``cont``
+decoding agrees (``partial_draft_verify``) and ``:beamB`` to decode finals with a beam of B (``final_beam_size``,
+default 1: greedy); the ``cont``
 column counts the continuation windows decoded, ``drafted`` the partial tokens taken from drafts instead of decoded,
 ``tokens`` the tokens decoded.
 """
@@ -218,6 +219,7 @@ def main() -> int:
             partial_draft_holdback=flag_value(fields, "draft", DecodePolicy.partial_draft_holdback),
             partial_draft_multiple=flag_value(fields, "mult", DecodePolicy.partial_draft_multiple),
             partial_draft_verify="verify" in fields,
+            final_beam_size=flag_value(fields, "beam", DecodePolicy.final_beam_size),
         )
         per_clip, stats = run_policy(runner, clips, windows, policy, args.batch)
         edits = words = partial_edits = partial_words = 0

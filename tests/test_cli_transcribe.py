@@ -54,3 +54,15 @@ def test_bad_files_give_one_line_errors_and_a_nonzero_exit(tmp_path: Path) -> No
         assert result.returncode != 0
         errors = [line for line in result.stderr.splitlines() if line.startswith("brook: error:")]
         assert len(errors) == 1 and fragment in errors[0], result.stderr
+
+
+def test_beam_size_is_checked_and_a_beam_transcribes(speech_clips: dict[str, Path], tmp_path: Path) -> None:
+    refused = brook("transcribe", str(speech_clips["telephone"]), "--beam-size", "0")
+    assert refused.returncode == 2 and "brook: error: --beam-size must be at least 1" in refused.stderr
+    audio, rate = sf.read(str(speech_clips["telephone"]), dtype="float32")
+    short = tmp_path / "short.wav"
+    sf.write(str(short), audio[: 8 * rate], rate)
+    beam = brook("transcribe", str(short), "--json", "--beam-size", "3")
+    assert beam.returncode == 0, beam.stderr
+    output = json.loads(beam.stdout)
+    assert "Hello" in output["text"] and output["segments"]

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from dataclasses import fields
 from pathlib import Path
 
@@ -21,6 +24,13 @@ def test_settings_from_env_converts_types() -> None:
 @pytest.mark.parametrize(("raw", "expected"), [("1", True), ("true", True), ("On", True), ("0", False), ("no", False)])
 def test_boolean_settings_read_words_and_digits(raw: str, expected: bool) -> None:
     assert settings_from_env({"BROOK_SPEECH_PARTIAL_DRAFT_VERIFY": raw}).speech_partial_draft_verify is expected
+
+
+def test_final_beam_size_is_read_from_the_environment() -> None:
+    assert Settings().speech_final_beam_size == 1  # greedy finals unless asked
+    assert settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "5"}).speech_final_beam_size == 5
+    with pytest.raises(ValueError, match="BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1"):
+        settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "0"})
 
 
 def test_settings_errors_name_the_variable() -> None:
@@ -61,3 +71,21 @@ def test_origin_allow_list() -> None:
     assert is_origin_allowed(allowed, {"origin": "https://app.example"})
     assert is_origin_allowed(allowed, {})  # not a browser
     assert not is_origin_allowed(allowed, {"origin": "https://evil.example"})
+
+
+def test_serve_refuses_a_bad_setting_with_one_line() -> None:
+    for name, value, fragment in (
+        ("BROOK_SPEECH_FINAL_BEAM_SIZE", "0", "must be at least 1"),
+        ("BROOK_PORT", "eighty", "BROOK_PORT must be int"),
+    ):
+        result = subprocess.run(
+            [sys.executable, "-m", "app.cli", "serve", "--no-fetch"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+            env={**os.environ, name: value},
+        )
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, result.stderr
+        assert lines[0].startswith("brook: error: ") and fragment in lines[0]

@@ -60,8 +60,14 @@ class ScriptedRunner:
         return EncoderOutput(empty, empty)
 
     def decode(
-        self, encoder_output: EncoderOutput, prompts: Sequence[Sequence[int]], *, rules: DecodingRules
+        self,
+        encoder_output: EncoderOutput,
+        prompts: Sequence[Sequence[int]],
+        *,
+        rules: DecodingRules,
+        beam_size: int = 1,
     ) -> list[DecodeResult]:
+        assert beam_size == 1  # the script is the greedy decoding's
         results = []
         for prompt in prompts:
             self.prompts.append(list(prompt))

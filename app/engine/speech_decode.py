@@ -96,6 +96,13 @@ class DecodePolicy:
     # shared calls (see ``align_drafts``). Off by default: measured at 8 it made partials more accurate but not
     # sooner (docs/benchmarks.md, "Partial drafts").
     partial_draft_multiple: int = 1
+    # Finals (and their continuation windows) are decoded with a beam of this many hypotheses; 1: greedy, as
+    # partials always are. See docs/benchmarks.md, "Beam search for finals".
+    final_beam_size: int = 1
+
+    def __post_init__(self) -> None:
+        if self.final_beam_size < 1:
+            raise ValueError(f"final_beam_size must be at least 1 (1: greedy), got {self.final_beam_size}")
 
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
@@ -304,6 +311,7 @@ def transcribe_group(
             rules=row_rules,
             loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
             drafts=verified,
+            beam_size=policy.final_beam_size if row_rules is rules.final else 1,
         )
         for row, result in zip(rows, decoded, strict=True):
             draft = jobs[row].draft  # forced: part of the prompt, so the result goes on from it
@@ -379,7 +387,14 @@ def _continue_early_finals(
                 for prompt, audio in zip(prompts, audios, strict=True)
             ]
             loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
-            decoded = runner.decode(encoded, prompts, max_new_tokens=limits, rules=rules.final, loop_stop=loop_stop)
+            decoded = runner.decode(
+                encoded,
+                prompts,
+                max_new_tokens=limits,
+                rules=rules.final,
+                loop_stop=loop_stop,
+                beam_size=policy.final_beam_size,
+            )
             for state, result, limit in zip(group, decoded, limits, strict=True):
                 if _is_no_speech(result, policy):
                     done[state.row] = (state.result, state.max_new_tokens, state.rounds)

@@ -55,6 +55,7 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
         decode=DecodePolicy(
             partial_draft_agreement=max(0, settings.speech_partial_draft_agreement),
             partial_draft_verify=settings.speech_partial_draft_verify,
+            final_beam_size=settings.speech_final_beam_size,
         ),
     )
     observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)

@@ -127,10 +127,13 @@ def _mask_timestamp_rules(row_logits: np.ndarray, history: Sequence[int], rules:
 
 
 def _timestamp_mass_wins(row_logits: np.ndarray, timestamp_begin: int) -> bool:
-    """True when log(sum P(timestamps)) exceeds the log-probability of the best text token."""
-    log_probs = log_softmax(row_logits[None, :])[0]
-    timestamp_log_mass = _logsumexp(log_probs[timestamp_begin:])
-    return bool(timestamp_log_mass > float(log_probs[:timestamp_begin].max()))
+    """True when log(sum P(timestamps)) exceeds the log-probability of the best text token.
+
+    Both sides share the softmax's normalizer, so the raw logits compare the same: the log-sum-exp of the timestamps'
+    logits against the best text logit (float64 over the 1,501 timestamps instead of a log-softmax over the whole
+    vocabulary: a quarter of the decoding time of a beam of 5 went there)."""
+    timestamp_log_mass = _logsumexp(np.asarray(row_logits[timestamp_begin:], dtype=np.float64))
+    return bool(timestamp_log_mass > float(row_logits[:timestamp_begin].max()))
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:

@@ -1,6 +1,7 @@
 """Offline long-form transcription that reproduces faster-whisper's ``WhisperModel.transcribe``.
 
-Reproduced settings: greedy (beam 1), a single temperature 0.0 (so no fallback), timestamps on, no VAD, no word
+Reproduced settings: greedy (beam 1; ``TranscriptionOptions.beam_size`` for beam search), a single temperature
+0.0 (so no fallback), timestamps on, no VAD, no word
 timestamps. Per recording:
 
 - log-mel features of the whole recording (160 zero samples appended, one ``max - 8`` clamp for all of it);
@@ -56,6 +57,7 @@ class TranscriptionOptions:
     max_initial_timestamp_s: float | None = 1.0  # the first timestamp of a window is at most this
     suppress_blank: bool = True  # no blank or EOT as the first sampled token
     without_timestamps: bool = False  # sample text only (one segment per window)
+    beam_size: int = 1  # > 1: beam search (faster-whisper's default is 5; Brook keeps greedy by default)
 
 
 @dataclass(frozen=True)
@@ -167,7 +169,8 @@ def transcribe_batch(
             chunk = active[first : first + max_batch_size]
             windows = [_next_window(recording, runner, sot_sequence) for recording in chunk]
             encoded = runner.encode(np.stack([window.mel for window in windows]))
-            results = runner.decode(encoded, [window.prompt for window in windows], rules=rules)
+            prompts = [window.prompt for window in windows]
+            results = runner.decode(encoded, prompts, rules=rules, beam_size=chosen.beam_size)
             for recording, window, result in zip(chunk, windows, results, strict=True):
                 _advance(recording, window, result, runner, chosen)
     return [

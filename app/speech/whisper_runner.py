@@ -34,6 +34,7 @@ import onnxruntime as ort
 
 from app.errors import ModelError
 from app.ort_session import create_session
+from app.speech.beam_search import beam_search
 from app.speech.decoding import DecodingRules, average_logprob, mask_logits, no_speech_probability, pick_tokens
 from app.speech.tokenizer import WhisperTokenizer
 
@@ -70,7 +71,7 @@ class EncoderOutput:
 
 @dataclass(frozen=True)
 class DecodeResult:
-    """Greedy decoding of one window."""
+    """The decoding of one window (greedy or the best beam)."""
 
     tokens: list[int]  # sampled tokens, timestamps included, EOT excluded
     sum_logprob: float  # log-probabilities of every sampled token, the EOT step included
@@ -156,6 +157,7 @@ class WhisperRunner:
         rules: DecodingRules | None = None,
         loop_stop: LoopStop | None = None,
         drafts: Sequence[int] | None = None,
+        beam_size: int = 1,
     ) -> list[DecodeResult]:
         """Greedy-decode row ``i`` of ``encoder_output`` from ``prompts[i]``; one result per prompt, in order.
 
@@ -166,8 +168,11 @@ class WhisperRunner:
         default CTranslate2's limit for the prompt's length. ``rules`` defaults to the config's rules, with
         timestamps unless the prompt (before its draft) ends with ``<|notimestamps|>``. ``loop_stop`` (off by
         default, so offline transcription is unchanged) stops a row as soon as its tokens end in a loop
-        (``reached_eot`` is then False, as at the token limit).
+        (``reached_eot`` is then False, as at the token limit). ``beam_size`` > 1 decodes with beam search instead
+        (``app.speech.beam_search``; no drafts then).
         """
+        if beam_size > 1 and drafts is not None and any(drafts):
+            raise ValueError("drafts are for greedy decoding; beam search decodes without them")
         if len(prompts) != encoder_output.batch_size:
             raise ValueError(f"expected {encoder_output.batch_size} prompts (one per window), got {len(prompts)}")
         draft_lengths = [0] * len(prompts) if drafts is None else [int(length) for length in drafts]
@@ -194,7 +199,9 @@ class WhisperRunner:
                 limits = [int(max_new_tokens[row]) for row in rows]
             else:
                 limits = [int(max_new_tokens)] * len(rows)
-            group_results = self._decode_group(group_encoder, group_prompts, limits, rules, loop_stop, draft_length)
+            group_results = self._decode_group(
+                group_encoder, group_prompts, limits, rules, loop_stop, draft_length, beam_size
+            )
             results.update(zip(rows, group_results, strict=True))
         return [results[row] for row in range(len(prompts))]
 
@@ -206,6 +213,7 @@ class WhisperRunner:
         rules: DecodingRules | None,
         loop_stop: LoopStop | None = None,
         draft_length: int = 0,
+        beam_size: int = 1,
     ) -> list[DecodeResult]:
         """Decode prompts of equal length with the SOT at the same index, each ending in ``draft_length`` draft
         tokens; row ``i`` samples at most ``limits[i]``."""
@@ -232,6 +240,20 @@ class WhisperRunner:
                 tokens[:, sot_index + 1 :], self_k, self_v, cross_k, cross_v, n_logits=draft_length + 1
             )
 
+        if beam_size > 1:
+            best = beam_search(
+                self._step,
+                logits[:, -1],
+                (self_k, self_v, cross_k, cross_v),
+                limits=limits,
+                rules=rules,
+                beam_size=beam_size,
+                loop_stop=loop_stop,
+            )
+            return [
+                self._result(hypothesis.tokens, hypothesis.sum_logprob, float(no_speech[row]), hypothesis.reached_eot)
+                for row, hypothesis in enumerate(best)
+            ]
         sampled: list[list[int]] = [[] for _ in range(batch)]
         sums = [0.0] * batch
         kept = 0
@@ -280,17 +302,22 @@ class WhisperRunner:
             logits = logits[:, -1]
 
         return [
-            DecodeResult(
-                tokens=sampled[row],
-                sum_logprob=sums[row],
-                avg_logprob=average_logprob(sums[row], len(sampled[row])),
-                no_speech_prob=float(no_speech[row]),
-                text=self.tokenizer.decode(sampled[row]),
-                reached_eot=reached_eot[row],
-                drafted=kept,
-            )
+            self._result(sampled[row], sums[row], float(no_speech[row]), reached_eot[row], drafted=kept)
             for row in range(batch)
         ]
+
+    def _result(
+        self, tokens: list[int], sum_logprob: float, no_speech_prob: float, reached_eot: bool, drafted: int = 0
+    ) -> DecodeResult:
+        return DecodeResult(
+            tokens=tokens,
+            sum_logprob=sum_logprob,
+            avg_logprob=average_logprob(sum_logprob, len(tokens)),
+            no_speech_prob=no_speech_prob,
+            text=self.tokenizer.decode(tokens),
+            reached_eot=reached_eot,
+            drafted=drafted,
+        )
 
     def _verify_drafts(
         self,
