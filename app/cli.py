@@ -135,7 +135,7 @@ def _cmd_listen(args: argparse.Namespace) -> int:
 
     if args.file is None and not args.mic:
         raise BrookError("give an audio FILE or --mic")
-    url = with_query(args.url, model=args.model, version=args.version)
+    url = with_query(args.url, model=args.model, version=args.version, beam_size=args.beam_size)
     asyncio.run(listen(url, None if args.mic else args.file, speed=args.speed, token=args.token, as_json=args.json))
     return 0
 
@@ -253,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
     listen.add_argument("--version", type=int, default=None)
     listen.add_argument("--token", default=os.environ.get("BROOK_TOKEN"), help="API key (env BROOK_TOKEN)")
     listen.add_argument("--speed", type=float, default=1.0, help="1 = real time, 4 = four times, 0 = no pacing")
+    listen.add_argument(
+        "--beam-size", type=int, default=None, help="beam of the finals, 1-8 (default: the server's setting)"
+    )
     listen.add_argument("--json", action="store_true", help="print every server message as JSON")
     listen.set_defaults(handler=_cmd_listen)
 

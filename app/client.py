@@ -88,6 +88,8 @@ async def listen(url: str, source: Path | None, *, speed: float, token: str | No
         ready = json.loads(await ws.recv())
         if ready.get("type") == "error":
             raise ServerError(f"{ready['code']}: {ready['message']}")
+        if as_json:  # every server message, the ready one (session, version, settings) included
+            _print_event(ready, out, as_json)
         chunks = _file_chunks(source, speed) if source is not None else _mic_chunks()
         sender = asyncio.create_task(_send_audio(ws, chunks))
         try:

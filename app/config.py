@@ -37,6 +37,7 @@ class Settings:
     speech_partial_draft_agreement: int = 2  # a partial starts from what this many previous ones agree on (0 = off)
     speech_partial_draft_verify: bool = False  # keep a partial's draft only as far as greedy decoding agrees
     speech_final_beam_size: int = 1  # beam of every final's decoding (1: greedy; 5: fewer errors, slower finals)
+    speech_final_beam_below_logprob: float = 0.0  # < 0: greedy first, the beam only below this avg log-probability
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)

@@ -32,6 +32,7 @@ MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 48000
 MAX_VAD_SILENCE_MS = 10_000
 MIN_VAD_SILENCE_MS = 100
+MAX_BEAM_SIZE = 8  # a client's beam for its finals (each hypothesis is one more decoder row)
 
 
 def _bool_param(query: Mapping[str, str], name: str, default: bool) -> bool:
@@ -72,6 +73,7 @@ class ListenParams:
     encoding: str
     interim_results: bool
     vad_silence_ms: int
+    beam_size: int | None = None  # the beam of this stream's finals (None: the server's setting)
 
 
 def parse_listen_params(query: Mapping[str, str], *, default_model: str) -> ListenParams:
@@ -89,6 +91,7 @@ def parse_listen_params(query: Mapping[str, str], *, default_model: str) -> List
         encoding=encoding,
         interim_results=_bool_param(query, "interim_results", True),
         vad_silence_ms=silence,
+        beam_size=_int_param(query, "beam_size", None, 1, MAX_BEAM_SIZE, "bad_message"),
     )
 
 

@@ -228,6 +228,7 @@ def build_settings(args: argparse.Namespace) -> SpeechEngineSettings:
         "partial_draft_multiple",
         "partial_draft_verify",
         "final_beam_size",
+        "final_beam_below_logprob",
     )
     for name in (*policy_fields, *draft_fields):
         if getattr(args, name) is not None:
@@ -264,6 +265,9 @@ def main() -> int:
     )
     parser.add_argument(
         "--final-beam-size", type=int, default=None, help="DecodePolicy.final_beam_size (default 1: greedy finals)"
+    )
+    parser.add_argument(
+        "--final-beam-below-logprob", type=float, default=None, help="DecodePolicy value (default: beam every final)"
     )
     parser.add_argument("--partial-interval-s", type=float, default=None, help="SpeechEngineSettings value")
     parser.add_argument("--max-utterance-s", type=float, default=None, help="SpeechEngineSettings value")

@@ -18,6 +18,7 @@ Per corpus:
 
     .venv/bin/python -m scripts.bench_speech_wer [--corpora librivox,espeak-en-us,espeak-en-gb]
         [--version N] [--final-full-window] [--silence-padding] [--speech-pad-ms MS]
+        [--final-beam-size B [--final-beam-below-logprob L]] [--offline-beam-size B]
         [--json docs/bench/speech_wer.json] [--label NAME]
 
 ``--final-full-window`` decodes finals in full 30 s windows as offline does (``DecodePolicy.final_full_window``)
@@ -173,6 +174,9 @@ def main() -> int:
                         help="audio kept before and after each utterance (SpeechEngineSettings.speech_pad_ms)")
     parser.add_argument("--final-beam-size", type=int, default=DecodePolicy.final_beam_size,
                         help="beam of the streamed finals (DecodePolicy.final_beam_size; 1: greedy)")
+    parser.add_argument("--final-beam-below-logprob", type=float, default=None,
+                        help="beam only finals whose greedy average log-probability is below this "
+                        "(DecodePolicy.final_beam_below_logprob)")
     parser.add_argument("--offline-beam-size", type=int, default=1,
                         help="beam of the offline transcription (TranscriptionOptions.beam_size; 1: greedy)")
     parser.add_argument("--json", type=Path, default=DEFAULT_JSON)
@@ -187,6 +191,7 @@ def main() -> int:
             final_full_window=args.final_full_window,
             silence_padding=args.silence_padding,
             final_beam_size=args.final_beam_size,
+            final_beam_below_logprob=args.final_beam_below_logprob,
         ),
     )
     result = run(args.corpora.split(","), args.version, settings, args.offline_beam_size)
@@ -194,6 +199,7 @@ def main() -> int:
     result["silence_padding"] = args.silence_padding
     result["speech_pad_ms"] = args.speech_pad_ms
     result["final_beam_size"] = args.final_beam_size
+    result["final_beam_below_logprob"] = args.final_beam_below_logprob
     result["offline_beam_size"] = args.offline_beam_size
     print(render(result))
     stored: dict[str, Any] = json.loads(args.json.read_text(encoding="utf-8")) if args.json.is_file() else {}

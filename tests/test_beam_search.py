@@ -164,3 +164,63 @@ def test_finals_use_the_beam_and_partials_stay_greedy(
     assert all(beam == 3 for kind, beam in calls if kind == "final")
     assert all(beam == 1 for kind, beam in calls if kind == "partial")
     assert texts[0].text and texts[1].text
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("threshold", "beamed"), [(0.0, True), (-100.0, False)])
+def test_a_gated_beam_decodes_only_the_finals_whisper_is_unsure_of(
+    served_whisper: WhisperRunner,
+    telephone_audio: np.ndarray,
+    monkeypatch: pytest.MonkeyPatch,
+    threshold: float,
+    beamed: bool,
+) -> None:
+    """``final_beam_below_logprob``: greedy first; the beam again only below the threshold (every average
+    log-probability is below 0, none below -100)."""
+    policy = DecodePolicy(final_beam_size=3, final_beam_below_logprob=threshold, continue_tail_s=None)
+    audio = telephone_audio[2 * SECOND : 8 * SECOND]
+    frames = policy.window_frames(audio.shape[0], "final", served_whisper.max_frames)
+    job = WindowJob(0, "final", audio, frames, policy.token_limit(audio.shape[0]))
+    beams: list[int] = []
+    decode = served_whisper.decode
+
+    def recording_decode(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["rules"].with_timestamps:  # final rules (a looped final's retry decodes without timestamps)
+            beams.append(kwargs.get("beam_size", 1))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(served_whisper, "decode", recording_decode)
+    rules = PromptRules.from_config(served_whisper.config)
+    (gated,), _ = transcribe_group(served_whisper, [job], policy, rules)
+    assert beams == ([1, 3] if beamed else [1])
+    monkeypatch.undo()
+    expected = DecodePolicy(final_beam_size=3 if beamed else 1, continue_tail_s=None)
+    (direct,), _ = transcribe_group(served_whisper, [job], expected, rules)
+    assert gated.text == direct.text and gated.text
+
+
+@pytest.mark.slow
+def test_finals_of_one_batch_can_have_different_beams(
+    served_whisper: WhisperRunner, telephone_audio: np.ndarray, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``WindowJob.beam_size`` (a stream's own beam) overrides the policy's per final: one call per beam size."""
+    policy = DecodePolicy(continue_tail_s=None)
+    audio = telephone_audio[2 * SECOND : 8 * SECOND]
+    frames = policy.window_frames(audio.shape[0], "final", served_whisper.max_frames)
+    limit = policy.token_limit(audio.shape[0])
+    jobs = [WindowJob(0, "final", audio, frames, limit, beam_size=3), WindowJob(1, "final", audio, frames, limit)]
+    calls: list[tuple[int, int]] = []  # (rows, beam) of the final decoder calls
+    decode = served_whisper.decode
+
+    def recording_decode(*args: Any, **kwargs: Any) -> Any:
+        if kwargs["rules"].with_timestamps:
+            calls.append((len(args[1]), kwargs.get("beam_size", 1)))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(served_whisper, "decode", recording_decode)
+    texts, _ = transcribe_group(served_whisper, jobs, policy, PromptRules.from_config(served_whisper.config))
+    assert sorted(calls) == [(1, 1), (1, 3)]
+    monkeypatch.undo()
+    (alone,), _ = transcribe_group(served_whisper, jobs[:1], DecodePolicy(final_beam_size=3, continue_tail_s=None),
+                                   PromptRules.from_config(served_whisper.config))
+    assert texts[0].text == alone.text and texts[1].text

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from app.config import Settings, settings_from_env
+from app.engine.speech_decode import DecodePolicy
 from app.server.auth import is_authorized, is_origin_allowed
+from app.server.engines import speech_engine_settings
 
 
 def test_settings_from_env_converts_types() -> None:
@@ -31,6 +33,14 @@ def test_final_beam_size_is_read_from_the_environment() -> None:
     assert settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "5"}).speech_final_beam_size == 5
     with pytest.raises(ValueError, match="BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1"):
         settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "0"})
+
+
+def test_speech_settings_reach_the_decode_policy() -> None:
+    policy = speech_engine_settings(settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "5"})).decode
+    assert policy.final_beam_size == 5 and policy.final_beam_below_logprob is None  # every final, beam at once
+    gated = {"BROOK_SPEECH_FINAL_BEAM_SIZE": "5", "BROOK_SPEECH_FINAL_BEAM_BELOW_LOGPROB": "-0.5"}
+    assert speech_engine_settings(settings_from_env(gated)).decode.final_beam_below_logprob == -0.5
+    assert speech_engine_settings(Settings()).decode == DecodePolicy()  # the server's defaults are the engine's
 
 
 def test_settings_errors_name_the_variable() -> None:

@@ -28,13 +28,15 @@ def test_listen_params_defaults() -> None:
     assert (params.model, params.version, params.sample_rate, params.encoding) == ("whisper-tiny-en", None, 16000,
                                                                                    "pcm_s16le")
     assert params.interim_results is True and params.vad_silence_ms == 500
+    assert params.beam_size is None  # the server's setting
 
 
 def test_listen_params_parse_values() -> None:
     params = parse_listen_params({"model": "m", "version": "2", "sample_rate": "48000", "encoding": "f32le",
-                                  "interim_results": "false", "vad_silence_ms": "800"}, default_model="x")
+                                  "interim_results": "false", "vad_silence_ms": "800", "beam_size": "5"},
+                                 default_model="x")
     assert (params.model, params.version, params.sample_rate, params.encoding) == ("m", 2, 48000, "f32le")
-    assert params.interim_results is False and params.vad_silence_ms == 800
+    assert params.interim_results is False and params.vad_silence_ms == 800 and params.beam_size == 5
 
 
 @pytest.mark.parametrize(("query", "code", "fragment"), [
@@ -43,6 +45,8 @@ def test_listen_params_parse_values() -> None:
     ({"encoding": "mp3"}, "bad_audio", "encoding must be one of pcm_s16le, f32le, got 'mp3'"),
     ({"interim_results": "maybe"}, "bad_message", "must be true or false"),
     ({"vad_silence_ms": "5"}, "bad_message", "between 100 and 10000"),
+    ({"beam_size": "0"}, "bad_message", "beam_size must be between 1 and 8, got 0"),
+    ({"beam_size": "64"}, "bad_message", "beam_size must be between 1 and 8, got 64"),
     ({"version": "zero"}, "unknown_model", "must be an integer"),
 ])
 def test_listen_params_errors_are_fatal_and_explain(query: dict[str, str], code: str, fragment: str) -> None:

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
+import soundfile as sf
 import soxr
 
 from app.audio import load_audio
@@ -87,3 +91,36 @@ def test_interim_results_false_sends_only_finals(
     audio = load_audio(speech_clips["meeting_dev00"])[: 16000 * 12]
     result = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen?interim_results=false", audio, speed=0))
     assert result.of("final") and not result.of("partial")
+
+
+def test_a_stream_can_ask_for_a_beam_for_its_finals(brook_server: RunningServer) -> None:
+    """``?beam_size=5``: the ready message confirms it and the finals come (decoded with the beam; the engine
+    tests check which decoder calls use it). The LibriVox reading's errors with a beam of 5: 5 of 71 words."""
+    try:
+        clip = build_corpus("librivox", cache_dir() / "labelled-speech")
+    except FetchError as error:
+        missing(f"the LibriVox test utterances could not be fetched: {error}")
+    url = f"{brook_server.ws}/v1/listen?beam_size=5"
+    result = asyncio.run(stream_audio(url, load_audio(clip.path), speed=0))
+    assert result.ready["type"] == "ready" and result.ready["beam_size"] == 5
+    assert len(result.of("final")) == clip.utterances, result.of("final")
+    wer = word_error_rate(clip.reference, result.final_text)
+    assert wer <= 0.12, (wer, result.final_text)
+    default = asyncio.run(stream_audio(f"{brook_server.ws}/v1/listen", np.zeros(1600, np.float32), speed=0))
+    assert default.ready["beam_size"] == 1  # the server's default: greedy finals
+
+
+def test_brook_listen_passes_its_beam_and_prints_every_message(brook_server: RunningServer, tmp_path: Path) -> None:
+    try:
+        clip = build_corpus("librivox", cache_dir() / "labelled-speech")
+    except FetchError as error:
+        missing(f"the LibriVox test utterances could not be fetched: {error}")
+    short = tmp_path / "two_sentences.wav"
+    sf.write(str(short), load_audio(clip.path)[: 12 * 16_000], 16_000)
+    command = [sys.executable, "-m", "app.cli", "listen", str(short), "--url", f"{brook_server.ws}/v1/listen",
+               "--speed", "0", "--json", "--beam-size", "4"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    messages = [json.loads(line) for line in result.stdout.splitlines()]
+    assert messages[0]["type"] == "ready" and messages[0]["beam_size"] == 4
+    assert [m for m in messages if m["type"] == "final"] and messages[-1]["type"] == "end"

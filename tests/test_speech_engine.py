@@ -550,3 +550,33 @@ def test_mailbox_failure_after_queued_events_and_close_wins() -> None:
         assert await closed.get() == StreamEnded()
 
     run(body())
+
+
+def test_a_streams_own_beam_decodes_its_finals_and_only_its_finals(
+    whisper: WhisperRunner, vad: VadRunner, clips: dict[str, np.ndarray], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``StreamOptions.final_beam_size`` (``/v1/listen?beam_size=``) reaches the decoder for that stream's finals;
+    another stream on the same engine keeps the engine's greedy finals."""
+    calls: list[tuple[bool, int]] = []  # (final rules, beam) of every decoder call
+    decode = whisper.decode
+
+    def recording_decode(*args: Any, **kwargs: Any) -> Any:
+        calls.append((kwargs["rules"].with_timestamps, kwargs.get("beam_size", 1)))
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(whisper, "decode", recording_decode)
+    audio = clips["telephone"][: 12 * SAMPLE_RATE_HZ]
+
+    async def body(engine: SpeechEngine) -> tuple[list[SpeechEvent], list[tuple[bool, int]]]:
+        beamed = await stream_clip(engine.open_stream(StreamOptions(final_beam_size=3)), [audio])
+        beamed_calls = list(calls)
+        calls.clear()
+        await stream_clip(engine.open_stream(StreamOptions()), [audio])
+        return beamed, beamed_calls
+
+    events, beamed_calls = run(with_engine(whisper, vad, body, FAST_PUSH))
+    assert final_text(events)
+    assert (True, 3) in beamed_calls and all(beam == 1 for final, beam in beamed_calls if not final)
+    assert calls and all(beam == 1 for _, beam in calls)
+    with pytest.raises(ValueError, match="final_beam_size must lie in 1..8"):
+        StreamOptions(final_beam_size=9)

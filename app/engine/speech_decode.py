@@ -97,8 +97,11 @@ class DecodePolicy:
     # sooner (docs/benchmarks.md, "Partial drafts").
     partial_draft_multiple: int = 1
     # Finals (and their continuation windows) are decoded with a beam of this many hypotheses; 1: greedy, as
-    # partials always are. See docs/benchmarks.md, "Beam search for finals".
+    # partials always are. With ``final_beam_below_logprob`` set, a final is decoded greedily first and again with
+    # the beam only when its average log-probability is below that (Whisper is unsure: that is where the beam
+    # changes words). See docs/benchmarks.md, "Beam search for finals".
     final_beam_size: int = 1
+    final_beam_below_logprob: float | None = None
 
     def __post_init__(self) -> None:
         if self.final_beam_size < 1:
@@ -130,6 +133,7 @@ class WindowJob:
     # Finals: the words the utterance's partials agreed on; the draft of the fallback decoding of a final that loops
     # before its first timestamp (see ``_decode_looped_finals_again``). Unused otherwise.
     agreed: tuple[int, ...] = ()
+    beam_size: int | None = None  # finals: the stream's own beam (None: ``DecodePolicy.final_beam_size``)
 
 
 @dataclass(frozen=True)
@@ -304,15 +308,14 @@ def transcribe_group(
             for row in rows
         ]
         chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
-        decoded = runner.decode(
-            chosen,
-            prompts,
-            max_new_tokens=limits,
-            rules=row_rules,
-            loop_stop=LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None,
-            drafts=verified,
-            beam_size=policy.final_beam_size if row_rules is rules.final else 1,
-        )
+        loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
+        if row_rules is rules.final:
+            beams = [jobs[row].beam_size or policy.final_beam_size for row in rows]
+            decoded = decode_finals(runner, chosen, prompts, limits, row_rules, loop_stop, policy, beams)
+        else:
+            decoded = runner.decode(
+                chosen, prompts, max_new_tokens=limits, rules=row_rules, loop_stop=loop_stop, drafts=verified
+            )
         for row, result in zip(rows, decoded, strict=True):
             draft = jobs[row].draft  # forced: part of the prompt, so the result goes on from it
             results[row] = (
@@ -329,6 +332,61 @@ def transcribe_group(
     decode_s = time.perf_counter() - encoded_at  # continuation windows (rare) count as decoding
     timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decode_s)
     return texts, timing
+
+
+def decode_finals(
+    runner: WhisperRunner,
+    encoded: EncoderOutput,
+    prompts: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    rules: DecodingRules,
+    loop_stop: LoopStop | None,
+    policy: DecodePolicy,
+    beams: Sequence[int],
+) -> list[DecodeResult]:
+    """Decode final windows, row ``i`` with a beam of ``beams[i]`` (1: greedy): at once, or, with
+    ``final_beam_below_logprob`` set, greedily first and again with the beam only for the rows whose average
+    log-probability is below it (no-speech windows excepted)."""
+    threshold = policy.final_beam_below_logprob
+    every_row = range(len(prompts))
+    first = [1 if threshold is not None else beam for beam in beams]
+    results = _decode_by_beam(runner, encoded, prompts, limits, rules, loop_stop, every_row, first)
+    if threshold is not None:
+        unsure = [
+            row
+            for row in every_row
+            if beams[row] > 1 and results[row].avg_logprob < threshold and not _is_no_speech(results[row], policy)
+        ]
+        results.update(_decode_by_beam(runner, encoded, prompts, limits, rules, loop_stop, unsure, beams))
+    return [results[row] for row in every_row]
+
+
+def _decode_by_beam(
+    runner: WhisperRunner,
+    encoded: EncoderOutput,
+    prompts: Sequence[Sequence[int]],
+    limits: Sequence[int],
+    rules: DecodingRules,
+    loop_stop: LoopStop | None,
+    rows: Sequence[int],
+    beams: Sequence[int],
+) -> dict[int, DecodeResult]:
+    """Decode ``rows`` (indices into the other arguments), one call per beam size."""
+    by_beam: dict[int, list[int]] = {}
+    for row in rows:
+        by_beam.setdefault(beams[row], []).append(row)
+    results: dict[int, DecodeResult] = {}
+    for beam, group in by_beam.items():
+        decoded = runner.decode(
+            encoded if len(group) == encoded.batch_size else encoded.select(group),
+            [prompts[row] for row in group],
+            max_new_tokens=[limits[row] for row in group],
+            rules=rules,
+            loop_stop=loop_stop,
+            beam_size=beam,
+        )
+        results.update(zip(group, decoded, strict=True))
+    return results
 
 
 @dataclass
@@ -387,14 +445,8 @@ def _continue_early_finals(
                 for prompt, audio in zip(prompts, audios, strict=True)
             ]
             loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
-            decoded = runner.decode(
-                encoded,
-                prompts,
-                max_new_tokens=limits,
-                rules=rules.final,
-                loop_stop=loop_stop,
-                beam_size=policy.final_beam_size,
-            )
+            beams = [jobs[state.row].beam_size or policy.final_beam_size for state in group]
+            decoded = decode_finals(runner, encoded, prompts, limits, rules.final, loop_stop, policy, beams)
             for state, result, limit in zip(group, decoded, limits, strict=True):
                 if _is_no_speech(result, policy):
                     done[state.row] = (state.result, state.max_new_tokens, state.rounds)

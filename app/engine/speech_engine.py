@@ -527,7 +527,8 @@ class SpeechEngine:
         agreed = partial_draft(state.partial_history(item.utterance), policy)
         if item.kind == "partial":
             return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, draft=agreed)
-        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, agreed=agreed)
+        beam = state.options.final_beam_size
+        return WindowJob(index, item.kind, audio, item.frames, item.max_new_tokens, agreed=agreed, beam_size=beam)
 
     def _deliver(self, flight: InFlight, text: WindowText, now: float) -> None:
         item = flight.item

@@ -42,6 +42,7 @@ class StreamOptions:
     vad_silence_ms: int = 500  # silence that ends an utterance
     vad_threshold: float | None = None  # speech probability that starts speech (None: the engine's setting)
     speech_pad_ms: int | None = None  # audio kept before detected speech (None: the engine's setting)
+    final_beam_size: int | None = None  # beam of this stream's finals (None: the engine's DecodePolicy.final_beam_size)
 
     def __post_init__(self) -> None:
         if not 100 <= self.vad_silence_ms <= 10_000:
@@ -50,3 +51,5 @@ class StreamOptions:
             raise ValueError(f"vad_threshold must lie in (0, 1), got {self.vad_threshold}")
         if self.speech_pad_ms is not None and not 0 <= self.speech_pad_ms <= 2_000:
             raise ValueError(f"speech_pad_ms must lie in 0..2000, got {self.speech_pad_ms}")
+        if self.final_beam_size is not None and not 1 <= self.final_beam_size <= 8:
+            raise ValueError(f"final_beam_size must lie in 1..8, got {self.final_beam_size}")

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from app.config import Settings
 from app.repository import LoadedVersion, ModelRepository
 from app.server.metrics import Metrics, SpeechMetricsObserver, TextMetricsObserver
+
+if TYPE_CHECKING:
+    from app.engine.speech_engine import SpeechEngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -39,15 +42,27 @@ def build_engine(loaded: LoadedVersion, repository: ModelRepository, settings: S
 
 def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: Settings,
                   metrics: Metrics) -> BuiltEngine:
-    from app.engine.speech_decode import DecodePolicy
-    from app.engine.speech_engine import SpeechEngine, SpeechEngineSettings
+    from app.engine.speech_engine import SpeechEngine
     from app.speech.vad import VadRunner
     from app.speech.whisper_runner import WhisperRunner
 
     whisper = WhisperRunner(loaded.directory, loaded.manifest.config, intra_op_threads=settings.speech_threads)
     vad_model = repository.load(settings.vad_model)
     vad = VadRunner(vad_model.directory, vad_model.manifest.config)
-    engine_settings = SpeechEngineSettings(
+    engine_settings = speech_engine_settings(settings)
+    observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
+    engine = SpeechEngine(whisper, vad, engine_settings, observer)
+    _warm_up_speech(whisper, vad)
+    return BuiltEngine(engine=engine, info={"sample_rate": 16000})
+
+
+def speech_engine_settings(settings: Settings) -> SpeechEngineSettings:
+    """The speech engine's settings from the server's (``BROOK_SPEECH_*``, ``BROOK_MAX_UTTERANCE_S``)."""
+    from app.engine.speech_decode import DecodePolicy
+    from app.engine.speech_engine import SpeechEngineSettings
+
+    below = settings.speech_final_beam_below_logprob
+    return SpeechEngineSettings(
         max_utterance_s=settings.max_utterance_s,
         intra_op_threads=settings.speech_threads,
         decode_workers=settings.speech_workers,
@@ -56,12 +71,10 @@ def _build_speech(loaded: LoadedVersion, repository: ModelRepository, settings: 
             partial_draft_agreement=max(0, settings.speech_partial_draft_agreement),
             partial_draft_verify=settings.speech_partial_draft_verify,
             final_beam_size=settings.speech_final_beam_size,
+            # every average log-probability is below 0: a threshold of 0 or more beams every final at once
+            final_beam_below_logprob=below if below < 0 else None,
         ),
     )
-    observer = SpeechMetricsObserver(metrics, loaded.name, loaded.version)
-    engine = SpeechEngine(whisper, vad, engine_settings, observer)
-    _warm_up_speech(whisper, vad)
-    return BuiltEngine(engine=engine, info={"sample_rate": 16000})
 
 
 def _warm_up_speech(whisper: Any, vad: Any) -> None:

@@ -43,7 +43,11 @@ async def _session(connection: Connection) -> None:
     served = await acquire_served(state.registry, params.model, params.version, task="speech-to-text",
                                   connection=connection)
     stream = served.engine.open_stream(
-        StreamOptions(interim_results=params.interim_results, vad_silence_ms=params.vad_silence_ms)
+        StreamOptions(
+            interim_results=params.interim_results,
+            vad_silence_ms=params.vad_silence_ms,
+            final_beam_size=params.beam_size,
+        )
     )
     labels = (ENDPOINT, served.name, str(served.version))
     state.metrics.sessions.labels(*labels).inc()
@@ -55,6 +59,7 @@ async def _session(connection: Connection) -> None:
             "type": "ready", "session_id": session_id, "model": served.name, "version": served.version,
             "sample_rate": params.sample_rate, "encoding": params.encoding,
             "interim_results": params.interim_results, "vad_silence_ms": params.vad_silence_ms,
+            "beam_size": params.beam_size or served.engine.settings.decode.final_beam_size,
         })
         logger.debug("listen session %s on %s v%d", session_id, served.name, served.version)
         await run_reader_writer(_read(connection, stream, params, served.name, served.version),
