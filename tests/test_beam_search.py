@@ -57,11 +57,16 @@ def scripted_logits(window: int, history: tuple[int, ...]) -> np.ndarray:
 def scripted_step(
     tokens: np.ndarray, self_k: np.ndarray, self_v: np.ndarray, cross_k: np.ndarray, cross_v: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """A decoder whose cache is the token history ([1, rows, 1, length, 1]) and whose cross cache is the window."""
+    """A decoder whose cache is the token history ([1, rows, 1, length, 1]) and whose cross cache is the window,
+    one row per window for its consecutive rows when there are fewer cross rows than rows (shared cross-attention)."""
     new_k = np.concatenate([self_k, tokens.astype(np.float32)[None, :, None, :, None]], axis=3)
+    rows_per_window = tokens.shape[0] // cross_k.shape[1]
+    assert rows_per_window * cross_k.shape[1] == tokens.shape[0], "every window must have the same number of rows"
     logits = np.stack(
         [
-            scripted_logits(int(cross_k[0, row, 0, 0, 0]), tuple(int(t) for t in new_k[0, row, 0, :, 0]))
+            scripted_logits(
+                int(cross_k[0, row // rows_per_window, 0, 0, 0]), tuple(int(t) for t in new_k[0, row, 0, :, 0])
+            )
             for row in range(tokens.shape[0])
         ]
     )
@@ -93,11 +98,20 @@ def test_a_beam_of_one_is_greedy_and_a_wider_beam_finds_the_likelier_text() -> N
     assert beam.sum_logprob == pytest.approx(math.log(0.4) + math.log(0.95), abs=1e-5)
 
 
-def test_windows_searched_together_each_get_what_they_get_alone() -> None:
-    together = search([0, 1, 0], beam_size=3)
-    alone = [search([window], beam_size=3)[0] for window in (0, 1, 0)]
+@pytest.mark.parametrize("share_cross", [False, True])
+def test_windows_searched_together_each_get_what_they_get_alone(share_cross: bool) -> None:
+    together = search([0, 1, 0], beam_size=3, share_cross=share_cross)
+    alone = [search([window], beam_size=3, share_cross=share_cross)[0] for window in (0, 1, 0)]
     assert together == alone
     assert [hypothesis.tokens for hypothesis in together] == [[B], [A], [B]]
+
+
+def test_a_beam_wider_than_the_allowed_tokens_fills_up_with_rows_that_propose_nothing() -> None:
+    """Six hypotheses wanted, four text tokens allowed: every window still has six rows (shared cross-attention
+    needs equal groups), the filler rows never win."""
+    together = search([0, 1], beam_size=6, share_cross=True)
+    assert [hypothesis.tokens for hypothesis in together] == [[B], [A]]
+    assert together == [search([window], beam_size=6)[0] for window in (0, 1)]
 
 
 def test_token_limit_and_loop_stop_finish_hypotheses_without_eot() -> None:

@@ -237,8 +237,9 @@ def test_graph_io_contract(precision: str, request: pytest.FixtureRequest, windo
         ("input", "n_logits", i64, [1]),
         ("input", "self_k", f32, [N_LAYERS, "batch", N_HEADS, "past_len", HEAD_DIM]),
         ("input", "self_v", f32, [N_LAYERS, "batch", N_HEADS, "past_len", HEAD_DIM]),
-        ("input", "cross_k", f32, cache),
-        ("input", "cross_v", f32, cache),
+        # one row of audio keys and values per window, which may have several consecutive rows (beam search)
+        ("input", "cross_k", f32, [N_LAYERS, "windows", N_HEADS, "n_audio", HEAD_DIM]),
+        ("input", "cross_v", f32, [N_LAYERS, "windows", N_HEADS, "n_audio", HEAD_DIM]),
         ("output", "logits", f32, ["batch", "n_logits", N_VOCAB]),
         ("output", "new_self_k", f32, [N_LAYERS, "batch", N_HEADS, "total_len", HEAD_DIM]),
         ("output", "new_self_v", f32, [N_LAYERS, "batch", N_HEADS, "total_len", HEAD_DIM]),
@@ -307,6 +308,25 @@ def test_batch_rows_are_independent(fp32: Converted, windows: np.ndarray) -> Non
         np.testing.assert_allclose(logits2[row], logits2_alone[0], atol=1e-4, rtol=0)
         np.testing.assert_allclose(self_k2[:, row], k2_alone[:, 0], atol=1e-4, rtol=0)
     assert np.abs(logits[0] - logits[1]).max() > 1.0, "the two windows should not decode alike"
+
+
+def test_hypotheses_of_a_window_can_share_its_cross_attention_row(fp32: Converted, windows: np.ndarray) -> None:
+    """``shared_cross_attention``: three consecutive rows per window against one row of audio keys and values per
+    window decode exactly as with the rows repeated (what beam search feeds its hypotheses)."""
+    assert fp32.config["shared_cross_attention"] is True
+    cross = fp32.encode(windows)  # 2 windows
+    repeated = (np.repeat(cross[0], 3, axis=1), np.repeat(cross[1], 3, axis=1))
+    prompt = np.array([_prompt(fp32.config)] * 6, dtype=np.int64)
+    empty = np.zeros((N_LAYERS, 6, N_HEADS, 0, HEAD_DIM), dtype=np.float32)
+    shared_logits, shared_k, shared_v = fp32.step(prompt, empty, empty, cross)
+    logits, self_k, self_v = fp32.step(prompt, empty, empty, repeated)
+    np.testing.assert_allclose(shared_logits, logits, atol=1e-4, rtol=0)
+    tokens = np.array([[2159], [40], [314], [2159], [40], [314]], dtype=np.int64)  # the hypotheses differ
+    shared_next, shared_k2, _ = fp32.step(tokens, shared_k, shared_v, cross)
+    next_logits, self_k2, _ = fp32.step(tokens, self_k, self_v, repeated)
+    np.testing.assert_allclose(shared_next, next_logits, atol=1e-4, rtol=0)  # the batched products' rounding
+    np.testing.assert_allclose(shared_k2, self_k2, atol=1e-5, rtol=0)
+    assert np.abs(shared_next[0] - shared_next[3]).max() > 1.0, "rows 0-2 belong to window 0, rows 3-5 to window 1"
 
 
 def test_one_step_over_many_tokens_equals_token_by_token(

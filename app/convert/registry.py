@@ -29,7 +29,7 @@ class ConverterRef:
 
 CONVERTERS: dict[str, ConverterRef] = {
     "whisper-ct2": ConverterRef(
-        "app.convert.whisper", "convert_whisper", "4", "Whisper from a CTranslate2 model.bin to encoder/decoder ONNX"
+        "app.convert.whisper", "convert_whisper", "5", "Whisper from a CTranslate2 model.bin to encoder/decoder ONNX"
     ),
     "silero-vad": ConverterRef("app.convert.silero", "convert_silero_vad", "1", "Silero VAD ONNX, checked and copied"),
     "llama-gguf": ConverterRef(

@@ -8,7 +8,8 @@
 
 ``decoder.onnx``::
 
-    tokens [B, n], n_logits [1], self_k/self_v [n_layers, B, n_heads, past, head_dim], cross_k, cross_v
+    tokens [B, n], n_logits [1], self_k/self_v [n_layers, B, n_heads, past, head_dim],
+    cross_k/cross_v [n_layers, W, n_heads, frames/2, head_dim] (W = B, or W windows of B / W consecutive rows each)
       -> embeddings + positions[past : past+n]
       -> n_layers x (causal self-attention over past+new, cross-attention, MLP)
       -> LayerNorm(last n_logits positions) @ embeddings.T -> logits [B, n_logits, n_vocab]
@@ -25,6 +26,9 @@ Performance choices (each checked against CTranslate2 for identical greedy token
 - encoder self-attention uses contrib MultiHeadAttention (faster than MatMul/Softmax/MatMul at 1500 positions);
 - the decoder layers run as one Scan over the layer axis, so the per-layer slices of the [n_layers, ...]
   cache inputs are views rather than copies (see ``_decoder_layers``);
+- the cross-attention takes one row of audio keys and values per window even when a window has several
+  consecutive rows (beam search's hypotheses): config ``shared_cross_attention``; with one row per window it is the
+  same computation as before;
 - only the last ``n_logits`` positions (1 when decoding; a draft's length + 1 when verifying a draft fed in one
   call) go through the final LayerNorm and the vocabulary projection.
 """
@@ -278,7 +282,7 @@ def build_decoder(
     tokens = g.add_input("tokens", INT64, ["batch", "n_tokens"])
     n_logits = g.add_input("n_logits", INT64, [1])  # how many of the last positions get logits (at least 1)
     self_shape: list[Dim] = [n_layers, "batch", n_heads, "past_len", head_dim]
-    cross_shape: list[Dim] = [n_layers, "batch", n_heads, "n_audio", head_dim]
+    cross_shape: list[Dim] = [n_layers, "windows", n_heads, "n_audio", head_dim]  # batch = windows x hypotheses
     self_k = g.add_input("self_k", FLOAT, self_shape)
     self_v = g.add_input("self_v", FLOAT, self_shape)
     cross_k = g.add_input("cross_k", FLOAT, cross_shape)
@@ -337,8 +341,8 @@ def _decoder_layers(
     layer_x = body.add_input("layer_x", FLOAT, ["batch", "n_tokens", dims.d_model])
     past_k = body.add_input("layer_past_k", FLOAT, ["batch", n_heads, "past_len", head_dim])
     past_v = body.add_input("layer_past_v", FLOAT, ["batch", n_heads, "past_len", head_dim])
-    layer_cross_k = body.add_input("layer_cross_k", FLOAT, ["batch", n_heads, "n_audio", head_dim])
-    layer_cross_v = body.add_input("layer_cross_v", FLOAT, ["batch", n_heads, "n_audio", head_dim])
+    layer_cross_k = body.add_input("layer_cross_k", FLOAT, ["windows", n_heads, "n_audio", head_dim])
+    layer_cross_v = body.add_input("layer_cross_v", FLOAT, ["windows", n_heads, "n_audio", head_dim])
     prefixes = [f"decoder/layer_{layer}" for layer in range(n_layers)]
 
     def layer_norm_of(x_in: str, name: str) -> str:
@@ -376,8 +380,14 @@ def _decoder_layers(
             [w.raw(f"{p}/attention/linear_0/weight") * scale for p in prefixes],
             [w.raw(f"{p}/attention/linear_0/bias") * scale for p in prefixes],
         )
-        q = body.op1("Transpose", [body.op1("Reshape", [q, body.const([0, 0, n_heads, head_dim])])], perm=[0, 2, 1, 3])
-        h = attend(body, q, layer_cross_k, layer_cross_v, None, dims.d_model)
+        # The rows of one window may come in groups (beam search: B hypotheses per window, consecutive) against one
+        # row of audio keys and values per window: [rows, n, d] -> [windows, rows / windows * n, heads, head_dim],
+        # so each window's hypotheses share one product with its keys and values instead of reading copies.
+        windows = body.op1("Shape", [layer_cross_k], start=0, end=1)
+        grouped = body.op1("Concat", [windows, body.const([-1, n_heads, head_dim])], axis=0)
+        q = body.op1("Transpose", [body.op1("Reshape", [q, grouped])], perm=[0, 2, 1, 3])
+        h = attend(body, q, layer_cross_k, layer_cross_v, None, dims.d_model)  # [windows, rows / windows * n, d]
+        h = body.op1("Reshape", [h, body.op1("Shape", [x_mid])])
         h = ct2_linear(h, "out_proj", "attention/linear_2")
     x_mid = body.op1("Add", [x_mid, h], name="residual_encoder_attn")
     with body.scope("mlp"):
@@ -589,6 +599,7 @@ def convert_whisper(files: Mapping[str, Path], out_dir: Path, options: Mapping[s
         "precision": precision,
         "int8_plan": asdict(plan),
         "output_rescore_tokens": rescore_tokens,
+        "shared_cross_attention": True,  # cross_k/cross_v may hold one row per window of consecutive rows
         "encoder": ENCODER_FILE,
         "decoder": DECODER_FILE,
         "tokenizer": TOKENIZER_FILE,

@@ -347,46 +347,36 @@ def decode_finals(
     """Decode final windows, row ``i`` with a beam of ``beams[i]`` (1: greedy): at once, or, with
     ``final_beam_below_logprob`` set, greedily first and again with the beam only for the rows whose average
     log-probability is below it (no-speech windows excepted)."""
+
+    def decode(rows: Sequence[int], beam_of_row: Sequence[int]) -> dict[int, DecodeResult]:
+        """Decode ``rows``, one call per beam size."""
+        by_beam: dict[int, list[int]] = {}
+        for row in rows:
+            by_beam.setdefault(beam_of_row[row], []).append(row)
+        decoded: dict[int, DecodeResult] = {}
+        for beam, group in by_beam.items():
+            results = runner.decode(
+                encoded if len(group) == encoded.batch_size else encoded.select(group),
+                [prompts[row] for row in group],
+                max_new_tokens=[limits[row] for row in group],
+                rules=rules,
+                loop_stop=loop_stop,
+                beam_size=beam,
+            )
+            decoded.update(zip(group, results, strict=True))
+        return decoded
+
     threshold = policy.final_beam_below_logprob
     every_row = range(len(prompts))
-    first = [1 if threshold is not None else beam for beam in beams]
-    results = _decode_by_beam(runner, encoded, prompts, limits, rules, loop_stop, every_row, first)
+    results = decode(every_row, [1 if threshold is not None else beam for beam in beams])
     if threshold is not None:
         unsure = [
             row
             for row in every_row
             if beams[row] > 1 and results[row].avg_logprob < threshold and not _is_no_speech(results[row], policy)
         ]
-        results.update(_decode_by_beam(runner, encoded, prompts, limits, rules, loop_stop, unsure, beams))
+        results.update(decode(unsure, beams))
     return [results[row] for row in every_row]
-
-
-def _decode_by_beam(
-    runner: WhisperRunner,
-    encoded: EncoderOutput,
-    prompts: Sequence[Sequence[int]],
-    limits: Sequence[int],
-    rules: DecodingRules,
-    loop_stop: LoopStop | None,
-    rows: Sequence[int],
-    beams: Sequence[int],
-) -> dict[int, DecodeResult]:
-    """Decode ``rows`` (indices into the other arguments), one call per beam size."""
-    by_beam: dict[int, list[int]] = {}
-    for row in rows:
-        by_beam.setdefault(beams[row], []).append(row)
-    results: dict[int, DecodeResult] = {}
-    for beam, group in by_beam.items():
-        decoded = runner.decode(
-            encoded if len(group) == encoded.batch_size else encoded.select(group),
-            [prompts[row] for row in group],
-            max_new_tokens=[limits[row] for row in group],
-            rules=rules,
-            loop_stop=loop_stop,
-            beam_size=beam,
-        )
-        results.update(zip(group, decoded, strict=True))
-    return results
 
 
 @dataclass

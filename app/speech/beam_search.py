@@ -14,12 +14,16 @@ default decoding is a beam of 5 too):
 - a window that runs out of steps adds its live hypotheses to the finished ones; the result is the finished
   hypothesis with the best summed log-probability per token.
 
-The self-attention caches follow their hypotheses (``np.take`` of the chosen rows, a few MB per step for
-Whisper tiny); the cross-attention caches are repeated once per hypothesis and only shrink when windows finish.
+Every live window keeps exactly ``beam_size`` rows (a window with fewer candidates fills up with rows that propose
+nothing). The self-attention caches follow their hypotheses (``np.take`` of the chosen rows, a few MB per step for
+Whisper tiny). A decoder converted with ``shared_cross_attention`` reads one row of audio keys and values per window
+for all its hypotheses (18 MB per hypothesis of a 30 s window saved, and the attention's reads); otherwise the
+cross-attention caches are repeated once per hypothesis. Either way they are only copied when windows finish.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final, Protocol
@@ -73,12 +77,15 @@ def beam_search(
     beam_size: int,
     patience: float = 1.0,
     loop_stop: LoopCheck | None = None,
+    share_cross: bool = False,
 ) -> list[Hypothesis]:
     """The best hypothesis of each window.
 
     ``logits`` [windows, vocab] are those after each window's prompt and ``caches`` (self_k, self_v, cross_k,
     cross_v) the caches after it, one row per window; ``limits[i]`` caps window ``i``'s sampled tokens (EOT
-    included), as in greedy decoding.
+    included), as in greedy decoding. ``share_cross``: the decoder takes one row of cross caches per window for its
+    consecutive hypotheses (a Whisper decoder converted with ``shared_cross_attention``); otherwise the cross caches
+    are repeated per hypothesis.
     """
     if beam_size < 1:
         raise ValueError(f"beam_size must be at least 1, got {beam_size}")
@@ -93,7 +100,7 @@ def beam_search(
     # first step, when there are beam_size different hypotheses to follow).
     live: dict[int, list[_Live]] = {window: [_Live([], 0.0, window)] for window in range(windows)}
     finished: dict[int, list[Hypothesis]] = {window: [] for window in range(windows)}
-    first_row = {window: window for window in range(windows)}  # the batch row of each window's first hypothesis
+    cross_row = {window: window for window in range(windows)}  # each window's (first) row of the cross caches
     for _ in range(max(limits)):
         histories = [hypothesis.tokens for window in live for hypothesis in live[window]]  # one per batch row
         log_probs = _log_probs(mask_logits(logits, histories, rules))
@@ -104,6 +111,9 @@ def beam_search(
         for window, hypotheses in live.items():
             candidates: list[tuple[float, int, int]] = []
             for hypothesis in hypotheses:
+                if hypothesis.sum_logprob == -math.inf:  # a filler row (see below)
+                    position += 1
+                    continue
                 for token in best[position]:
                     log_prob = float(log_probs[position, token])
                     if log_prob > _MASKED:  # fewer tokens allowed than candidates wanted
@@ -126,27 +136,31 @@ def beam_search(
                 if len(chosen) == beam_size:
                     break
             if chosen and len(finished[window]) < wanted:
-                next_live[window] = chosen
+                # Every window keeps exactly beam_size rows (shared cross-attention needs equal groups): fillers
+                # repeat a hypothesis with a log-probability of -inf and propose nothing.
+                fillers = [_Live(chosen[0].tokens, -math.inf, chosen[0].source)] * (beam_size - len(chosen))
+                next_live[window] = chosen + fillers
         if not next_live:
             live = {}
             break
-        # Keep the rows of the windows still searching: the cross caches per hypothesis, the self caches per source.
+        # Keep the rows of the windows still searching: the self caches per source, the cross caches per window
+        # (shared) or per hypothesis, copied only when the windows or their row counts change.
         sources = np.asarray([hypothesis.source for window in next_live for hypothesis in next_live[window]])
         self_k, self_v = np.take(self_k, sources, axis=1), np.take(self_v, sources, axis=1)
-        layout = [(window, len(hypotheses)) for window, hypotheses in next_live.items()]
-        if layout != [(window, len(hypotheses)) for window, hypotheses in live.items()]:  # copy only on changes
-            cross_rows = np.asarray([first_row[window] for window, count in layout for _ in range(count)])
+        layout = [(window, 1 if share_cross else len(hypotheses)) for window, hypotheses in next_live.items()]
+        if layout != [(window, 1 if share_cross else len(hypotheses)) for window, hypotheses in live.items()]:
+            cross_rows = np.asarray([cross_row[window] for window, count in layout for _ in range(count)])
             cross_k, cross_v = np.take(cross_k, cross_rows, axis=1), np.take(cross_v, cross_rows, axis=1)
-        first_row, row = {}, 0
-        for window, hypotheses in next_live.items():
-            first_row[window] = row
-            row += len(hypotheses)
+            cross_row, row = {}, 0
+            for window, count in layout:
+                cross_row[window] = row
+                row += count
         live = next_live
         next_tokens = np.asarray([[h.tokens[-1]] for window in live for h in live[window]], dtype=np.int64)
         step_logits, self_k, self_v = step(next_tokens, self_k, self_v, cross_k, cross_v)
         logits = step_logits[:, -1]
     for window, hypotheses in live.items():  # out of steps: the live hypotheses count as finished
-        finished[window] += [Hypothesis(h.tokens, h.sum_logprob, False) for h in hypotheses]
+        finished[window] += [Hypothesis(h.tokens, h.sum_logprob, False) for h in hypotheses if h.sum_logprob > _MASKED]
     nothing = Hypothesis([], 0.0, False)  # every token masked at the first step (no rules do that)
     return [max(finished[window] or [nothing], key=lambda h: h.ranking_score) for window in range(windows)]
 

@@ -129,6 +129,8 @@ class WhisperRunner:
         self.max_frames = int(config["max_frames"])
         self.sot = int(config["sot"])
         self.no_timestamps = int(config["no_timestamps"])
+        # converter version 5 on: the cross caches may hold one row per window for its consecutive (beam) rows
+        self.shares_cross_attention = bool(config.get("shared_cross_attention", False))
         self.tokenizer = WhisperTokenizer.from_file(
             model_dir / str(config.get("tokenizer", "tokenizer.json")), eot=int(config["eot"])
         )
@@ -249,6 +251,7 @@ class WhisperRunner:
                 rules=rules,
                 beam_size=beam_size,
                 loop_stop=loop_stop,
+                share_cross=self.shares_cross_attention,
             )
             return [
                 self._result(hypothesis.tokens, hypothesis.sum_logprob, float(no_speech[row]), hypothesis.reached_eot)
