@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from app.audio import PCM_ENCODINGS
+from app.engine.speech_events import MAX_FINAL_BEAM_SIZE
 from app.errors import ProtocolError
 
 # Close codes (RFC 6455 §7.4.1), named as in starlette.status.
@@ -32,7 +33,6 @@ MIN_SAMPLE_RATE_HZ = 8000
 MAX_SAMPLE_RATE_HZ = 48000
 MAX_VAD_SILENCE_MS = 10_000
 MIN_VAD_SILENCE_MS = 100
-MAX_BEAM_SIZE = 8  # a client's beam for its finals (each hypothesis is one more decoder row)
 
 
 def _bool_param(query: Mapping[str, str], name: str, default: bool) -> bool:
@@ -91,7 +91,7 @@ def parse_listen_params(query: Mapping[str, str], *, default_model: str) -> List
         encoding=encoding,
         interim_results=_bool_param(query, "interim_results", True),
         vad_silence_ms=silence,
-        beam_size=_int_param(query, "beam_size", None, 1, MAX_BEAM_SIZE, "bad_message"),
+        beam_size=_int_param(query, "beam_size", None, 1, MAX_FINAL_BEAM_SIZE, "bad_message"),
     )
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+MAX_FINAL_BEAM_SIZE = 8  # the widest beam a stream may ask for (each hypothesis is one more decoder row)
+
 
 @dataclass(frozen=True)
 class SpeechStarted:
@@ -51,5 +53,5 @@ class StreamOptions:
             raise ValueError(f"vad_threshold must lie in (0, 1), got {self.vad_threshold}")
         if self.speech_pad_ms is not None and not 0 <= self.speech_pad_ms <= 2_000:
             raise ValueError(f"speech_pad_ms must lie in 0..2000, got {self.speech_pad_ms}")
-        if self.final_beam_size is not None and not 1 <= self.final_beam_size <= 8:
-            raise ValueError(f"final_beam_size must lie in 1..8, got {self.final_beam_size}")
+        if self.final_beam_size is not None and not 1 <= self.final_beam_size <= MAX_FINAL_BEAM_SIZE:
+            raise ValueError(f"final_beam_size must lie in 1..{MAX_FINAL_BEAM_SIZE}, got {self.final_beam_size}")
