@@ -309,7 +309,8 @@ def main() -> int:
             flush=True,
         )
         stages = ", ".join(f"{key[:-14]} {value:.3f}" for key, value in row.items() if key.endswith("_s_per_audio_s"))
-        print(f"    busy seconds per audio second by stage: {stages}", flush=True)
+        included = " (decode includes beam)" if "beam_s_per_audio_s" in row else ""
+        print(f"    busy seconds per audio second by stage: {stages}{included}", flush=True)
         run = payload.setdefault("runs", {}).setdefault(args.label, {"levels": {}})
         run["settings"] = {"seconds": args.seconds, "chunk_ms": args.chunk_ms, "engine": repr(settings)}
         run["levels"][str(level)] = {**row, "machine": machine_facts()}

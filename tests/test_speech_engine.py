@@ -574,8 +574,10 @@ def test_a_streams_own_beam_decodes_its_finals_and_only_its_finals(
         await stream_clip(engine.open_stream(StreamOptions()), [audio])
         return beamed, beamed_calls
 
-    events, beamed_calls = run(with_engine(whisper, vad, body, FAST_PUSH))
+    observer = RecordingObserver()
+    events, beamed_calls = run(with_engine(whisper, vad, body, FAST_PUSH, observer))
     assert final_text(events)
+    assert any(stage == "beam" for stage, _ in observer.batches)  # the beamed finals reach the metrics
     assert (True, 3) in beamed_calls and all(beam == 1 for final, beam in beamed_calls if not final)
     assert calls and all(beam == 1 for _, beam in calls)
     with pytest.raises(ValueError, match="final_beam_size must lie in 1..8"):

@@ -158,7 +158,17 @@ class GroupTiming:
     size: int
     features_s: float
     encode_s: float
-    decode_s: float
+    decode_s: float  # beam decoding included
+    beamed_finals: int = 0  # final windows (continuations included) decoded with a beam
+    beam_s: float = 0.0  # the seconds of those beam decodings
+
+
+@dataclass
+class BeamTally:
+    """Counts the beam decodings of one group's finals (see ``GroupTiming``)."""
+
+    finals: int = 0
+    seconds: float = 0.0
 
 
 def collapse_repeats(tokens: Sequence[int], repeat_limit: int, max_ngram: int) -> tuple[list[int], bool]:
@@ -284,6 +294,7 @@ def transcribe_group(
     encoded = runner.encode(mel)
     encoded_at = time.perf_counter()
     ceiling = runner.n_text_ctx // 2
+    tally = BeamTally()
     kinds: dict[WindowKind, list[int]] = {}
     for row, job in enumerate(jobs):
         kinds.setdefault(job.kind, []).append(row)
@@ -311,7 +322,7 @@ def transcribe_group(
         loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
         if row_rules is rules.final:
             beams = [jobs[row].beam_size or policy.final_beam_size for row in rows]
-            decoded = decode_finals(runner, chosen, prompts, limits, row_rules, loop_stop, policy, beams)
+            decoded = decode_finals(runner, chosen, prompts, limits, row_rules, loop_stop, policy, beams, tally)
         else:
             decoded = runner.decode(
                 chosen, prompts, max_new_tokens=limits, rules=row_rules, loop_stop=loop_stop, drafts=verified
@@ -323,14 +334,14 @@ def transcribe_group(
                 if row in forced
                 else result
             )
-    continued = _continue_early_finals(runner, jobs, results, policy, rules)
+    continued = _continue_early_finals(runner, jobs, results, policy, rules, tally)
     results.update(_decode_looped_finals_again(runner, encoded, jobs, results, continued, policy, rules))
     texts = [
         _window_text(job, *continued.get(row, (results[row], job.max_new_tokens, 0)), runner, policy)
         for row, job in enumerate(jobs)
     ]
     decode_s = time.perf_counter() - encoded_at  # continuation windows (rare) count as decoding
-    timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decode_s)
+    timing = GroupTiming(len(jobs), featured - started, encoded_at - featured, decode_s, tally.finals, tally.seconds)
     return texts, timing
 
 
@@ -343,10 +354,11 @@ def decode_finals(
     loop_stop: LoopStop | None,
     policy: DecodePolicy,
     beams: Sequence[int],
+    tally: BeamTally | None = None,
 ) -> list[DecodeResult]:
     """Decode final windows, row ``i`` with a beam of ``beams[i]`` (1: greedy): at once, or, with
     ``final_beam_below_logprob`` set, greedily first and again with the beam only for the rows whose average
-    log-probability is below it (no-speech windows excepted)."""
+    log-probability is below it (no-speech windows excepted). ``tally`` counts the beam decodings."""
 
     def decode(rows: Sequence[int], beam_of_row: Sequence[int]) -> dict[int, DecodeResult]:
         """Decode ``rows``, one call per beam size."""
@@ -355,6 +367,7 @@ def decode_finals(
             by_beam.setdefault(beam_of_row[row], []).append(row)
         decoded: dict[int, DecodeResult] = {}
         for beam, group in by_beam.items():
+            started = time.perf_counter()
             results = runner.decode(
                 encoded if len(group) == encoded.batch_size else encoded.select(group),
                 [prompts[row] for row in group],
@@ -364,6 +377,9 @@ def decode_finals(
                 beam_size=beam,
             )
             decoded.update(zip(group, results, strict=True))
+            if beam > 1 and tally is not None:
+                tally.finals += len(group)
+                tally.seconds += time.perf_counter() - started
         return decoded
 
     threshold = policy.final_beam_below_logprob
@@ -398,6 +414,7 @@ def _continue_early_finals(
     results: Mapping[int, DecodeResult],
     policy: DecodePolicy,
     rules: PromptRules,
+    tally: BeamTally | None = None,
 ) -> dict[int, tuple[DecodeResult, int, int]]:
     """Decode on the finals that stopped early (see ``DecodePolicy.continue_tail_s``): row -> (merged result,
     merged token budget, continuation windows). Rows not continued are absent."""
@@ -436,7 +453,7 @@ def _continue_early_finals(
             ]
             loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
             beams = [jobs[state.row].beam_size or policy.final_beam_size for state in group]
-            decoded = decode_finals(runner, encoded, prompts, limits, rules.final, loop_stop, policy, beams)
+            decoded = decode_finals(runner, encoded, prompts, limits, rules.final, loop_stop, policy, beams, tally)
             for state, result, limit in zip(group, decoded, limits, strict=True):
                 if _is_no_speech(result, policy):
                     done[state.row] = (state.result, state.max_new_tokens, state.rounds)

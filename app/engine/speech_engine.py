@@ -517,6 +517,8 @@ class SpeechEngine:
             texts, timing = await self._infer(self._executor, transcribe_group, self._whisper, jobs, policy, rules)
             self._observer.on_batch("encode", timing.size, timing.features_s + timing.encode_s)
             self._observer.on_batch("decode", timing.size, timing.decode_s)
+            if timing.beamed_finals:  # the finals decoded with a beam, and that part of the decoding time
+                self._observer.on_batch("beam", timing.beamed_finals, timing.beam_s)
             now = time.monotonic()
             for flight, text in sorted(zip(flights, texts, strict=True), key=lambda pair: pair[0].item.order):
                 self._deliver(flight, text, now)
