@@ -107,6 +107,10 @@ class DecodePolicy:
         if self.final_beam_size < 1:
             raise ValueError(f"final_beam_size must be at least 1 (1: greedy), got {self.final_beam_size}")
 
+    def beam_of(self, job: WindowJob) -> int:
+        """The beam of a final window: its stream's own, else ``final_beam_size``."""
+        return job.beam_size or self.final_beam_size
+
     def window_frames(self, n_samples: int, kind: WindowKind, max_frames: int) -> int:
         """Encoder frames of the window for ``n_samples`` of audio: the full window or a padded bucket."""
         if kind == "final" and self.final_full_window:
@@ -321,7 +325,7 @@ def transcribe_group(
         chosen = encoded if len(rows) == len(jobs) else encoded.select(rows)
         loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
         if row_rules is rules.final:
-            beams = [jobs[row].beam_size or policy.final_beam_size for row in rows]
+            beams = [policy.beam_of(jobs[row]) for row in rows]
             decoded = decode_finals(runner, chosen, prompts, limits, row_rules, loop_stop, policy, beams, tally)
         else:
             decoded = runner.decode(
@@ -452,7 +456,7 @@ def _continue_early_finals(
                 for prompt, audio in zip(prompts, audios, strict=True)
             ]
             loop_stop = LoopStop(policy.repeat_limit, policy.max_repeat_ngram) if policy.stop_loops else None
-            beams = [jobs[state.row].beam_size or policy.final_beam_size for state in group]
+            beams = [policy.beam_of(jobs[state.row]) for state in group]
             decoded = decode_finals(runner, encoded, prompts, limits, rules.final, loop_stop, policy, beams, tally)
             for state, result, limit in zip(group, decoded, limits, strict=True):
                 if _is_no_speech(result, policy):

@@ -66,6 +66,11 @@ class _Live:
     sum_logprob: float
     source: int  # the row of the step that proposed it: the cache it continues
 
+    @property
+    def is_filler(self) -> bool:
+        """A row that only keeps its window's row count (see ``beam_search``): it proposes and finishes nothing."""
+        return self.sum_logprob == -math.inf
+
 
 def beam_search(
     step: DecoderStep,
@@ -111,7 +116,7 @@ def beam_search(
         for window, hypotheses in live.items():
             candidates: list[tuple[float, int, int]] = []
             for hypothesis in hypotheses:
-                if hypothesis.sum_logprob == -math.inf:  # a filler row (see below)
+                if hypothesis.is_filler:
                     position += 1
                     continue
                 for token in best[position]:
@@ -160,7 +165,7 @@ def beam_search(
         step_logits, self_k, self_v = step(next_tokens, self_k, self_v, cross_k, cross_v)
         logits = step_logits[:, -1]
     for window, hypotheses in live.items():  # out of steps: the live hypotheses count as finished
-        finished[window] += [Hypothesis(h.tokens, h.sum_logprob, False) for h in hypotheses if h.sum_logprob > _MASKED]
+        finished[window] += [Hypothesis(h.tokens, h.sum_logprob, False) for h in hypotheses if not h.is_filler]
     nothing = Hypothesis([], 0.0, False)  # every token masked at the first step (no rules do that)
     return [max(finished[window] or [nothing], key=lambda h: h.ranking_score) for window in range(windows)]
 
