@@ -41,6 +41,8 @@ class Settings:
     chat_threads: int = 2  # onnxruntime intra-op threads of each text engine
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)
+    chat_draft_tokens: int = 10  # speculative decoding: prompt-lookup tokens verified per decode step (0 = off)
+    chat_draft_max_streams: int = 4  # drafts only while at most this many chat replies decode at once
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level
@@ -51,6 +53,9 @@ class Settings:
     malloc_mmap_threshold_kb: int = 1024  # C allocations this large get their own mmap (glibc; 0 = adaptive)
 
     def __post_init__(self) -> None:
+        for name in ("chat_draft_tokens", "chat_draft_max_streams"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"BROOK_{name.upper()} must be at least 0, got {getattr(self, name)}")
         if self.speech_final_beam_size < 1:
             beam = self.speech_final_beam_size
             raise ValueError(f"BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1 (1: greedy), got {beam}")

@@ -312,6 +312,10 @@ def summarize_level(system: str, sessions: int, run: LevelRun, load_before: floa
     first = [r.ttft_s for r in ok if r.turn == 0 and r.ttft_s is not None]
     later = [r.ttft_s for r in ok if r.turn > 0 and r.ttft_s is not None]
     decode = [rate for r in ok if (rate := r.decode_tokens_per_s) is not None]
+    # First turns write new text; later turns ("continue", "summarize") repeat some of it, which speculative
+    # decoding (Brook's BROOK_CHAT_DRAFT_TOKENS, llama-server's --spec-type) turns into speed: shown apart.
+    decode_first = [rate for r in ok if r.turn == 0 and (rate := r.decode_tokens_per_s) is not None]
+    decode_later = [rate for r in ok if r.turn > 0 and (rate := r.decode_tokens_per_s) is not None]
     tokens = sum(r.tokens for r in run.results)
     later_ok = [r for r in ok if r.turn > 0]
     reuse = None
@@ -331,6 +335,8 @@ def summarize_level(system: str, sessions: int, run: LevelRun, load_before: floa
         "ttft_all_p95_ms": _ms(first + later, 0.95),
         "decode_tok_s_p50": round(statistics.median(decode), 2) if decode else None,
         "decode_tok_s_min": round(min(decode), 2) if decode else None,
+        "decode_tok_s_first_p50": round(statistics.median(decode_first), 2) if decode_first else None,
+        "decode_tok_s_later_p50": round(statistics.median(decode_later), 2) if decode_later else None,
         "aggregate_tok_s": round(tokens / run.wall_s, 2) if run.wall_s > 0 else None,
         "tokens": tokens,
         "tokens_per_reply": round(tokens / len(run.results), 1) if run.results else None,
@@ -402,6 +408,8 @@ TABLE_COLUMNS: Final = (
     ("ttft_later_p50_ms", "TTFTn p50"),
     ("ttft_later_p95_ms", "TTFTn p95"),
     ("decode_tok_s_p50", "stream tok/s"),
+    ("decode_tok_s_first_p50", "turn1 tok/s"),
+    ("decode_tok_s_later_p50", "turnN tok/s"),
     ("aggregate_tok_s", "aggr tok/s"),
     ("tokens_per_reply", "tok/reply"),
     ("later_cached_fraction", "cached"),

@@ -92,7 +92,9 @@ def test_json_prints_token_records_then_usage_and_timings(story_json: list[dict[
     assert sum(len(r["token_ids"]) for r in tokens) <= usage["completion_tokens"]
     assert usage["cached_tokens"] == 0
     assert timings["prefill_tokens"] == usage["prompt_tokens"] > 0
-    assert set(timings) == {"ttft_ms", "tokens_per_s", "prefill_tokens", "prefill_ms", "decode_ms"}
+    assert set(timings) == {
+        "ttft_ms", "tokens_per_s", "prefill_tokens", "prefill_ms", "decode_ms", "draft_tokens", "accepted_draft_tokens"
+    }
     assert timings["ttft_ms"] > 0 and timings["tokens_per_s"] > 0
 
 

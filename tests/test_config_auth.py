@@ -12,8 +12,9 @@ import pytest
 
 from app.config import Settings, settings_from_env
 from app.engine.speech_decode import DecodePolicy
+from app.engine.text_engine import TextEngineSettings
 from app.server.auth import is_authorized, is_origin_allowed
-from app.server.engines import speech_engine_settings
+from app.server.engines import speech_engine_settings, text_engine_settings
 
 
 def test_settings_from_env_converts_types() -> None:
@@ -33,6 +34,15 @@ def test_final_beam_size_is_read_from_the_environment() -> None:
     assert settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "5"}).speech_final_beam_size == 5
     with pytest.raises(ValueError, match="BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1"):
         settings_from_env({"BROOK_SPEECH_FINAL_BEAM_SIZE": "0"})
+
+
+def test_chat_draft_settings_reach_the_text_engine() -> None:
+    assert text_engine_settings(Settings()) == TextEngineSettings()  # the server's defaults are the engine's
+    drafts = {"BROOK_CHAT_DRAFT_TOKENS": "6", "BROOK_CHAT_DRAFT_MAX_STREAMS": "1"}
+    engine = text_engine_settings(settings_from_env(drafts))
+    assert (engine.max_draft_tokens, engine.draft_max_decoding) == (6, 1)
+    with pytest.raises(ValueError, match="BROOK_CHAT_DRAFT_TOKENS must be at least 0"):
+        settings_from_env({"BROOK_CHAT_DRAFT_TOKENS": "-1"})
 
 
 def test_speech_settings_reach_the_decode_policy() -> None:

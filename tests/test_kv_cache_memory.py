@@ -31,6 +31,9 @@ def test_truncating_a_slot_returns_the_pages_after_its_new_length() -> None:
 
     cache.truncate(slots[1], 100)
     cache.truncate(slots[2], 800)  # not shorter: nothing to give back
+    cache.truncate(slots[2], 800 - 10)  # a few unconfirmed draft tokens: their pages stay for the next tokens
+    assert resident_pages(cache.keys[0][slots[2]]) == full[2]
+    cache.advance(slots[2], 10)
     for buffer in cache.keys + cache.values:
         row = buffer[slots[1]]
         kept_pages = -(-100 // tokens_per_page) * layout.n_kv_heads

@@ -148,6 +148,14 @@ def test_two_level_decode_graph_matches_reference(synthetic: tuple[Path, Referen
             tolerance = max(EXACT_TOLERANCE, TWO_LEVEL_RELATIVE_TOLERANCE * float(np.abs(expected).max()))
             np.testing.assert_allclose(row_logits, expected, rtol=0, atol=tolerance)
     assert decode_calls == 2
+    # A decode token with one drafted token after it (speculative decoding) is a call of two tokens: the same graph,
+    # with the logits of both positions.
+    prompts[0] += [5, 6]
+    logits = runner.step([StepInput(slots[0], prompts[0][-2:], logits=2)])
+    expected_both = reference.forward(prompts[0])[-2:]
+    tolerance = max(EXACT_TOLERANCE, TWO_LEVEL_RELATIVE_TOLERANCE * float(np.abs(expected_both).max()))
+    np.testing.assert_allclose(logits, expected_both, rtol=0, atol=tolerance)
+    assert decode_calls == 3
 
 
 @pytest.mark.parametrize(

@@ -142,6 +142,27 @@ def test_rows_of_different_lengths_in_one_step_match_reference(runner: LlamaRunn
     assert [runner.slot_length(s) for s in slots] == [9 + 4, 1 + 4, 17 + 12, 4 + 4]
 
 
+def test_rows_return_the_logits_of_their_last_positions(runner: LlamaRunner, reference: ReferenceLlama) -> None:
+    """Speculative decoding verifies drafted tokens with the logits of every position of a row (StepInput.logits);
+    the result holds each row's positions in order, row after row."""
+    prompts = [_tokens(40, 6), _tokens(41, 9), _tokens(42, 3)]
+    slots = [runner.allocate_slot() for _ in prompts]
+    counts = [1, 4, 3]
+    logits = runner.step([StepInput(s, p, n) for s, p, n in zip(slots, prompts, counts, strict=True)])
+    assert logits.shape == (sum(counts), VOCAB)
+    expected = np.concatenate([reference.forward(p)[-n:] for p, n in zip(prompts, counts, strict=True)])
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+    # a decode token plus two drafted ones, next to a plain decode row
+    tails = [_tokens(43, 3), _tokens(44, 1)]
+    logits = runner.step([StepInput(slots[0], tails[0], 3), StepInput(slots[2], tails[1])])
+    expected = np.concatenate(
+        [reference.forward(prompts[0] + tails[0])[-3:], reference.forward(prompts[2] + tails[1])[-1:]]
+    )
+    np.testing.assert_allclose(logits, expected, atol=TOLERANCE, rtol=0)
+    with pytest.raises(ValueError, match="logits must be in"):
+        runner.step([StepInput(slots[1], [1, 2], 3)])
+
+
 def test_prefill_in_two_steps_equals_one(runner: LlamaRunner) -> None:
     first, second = _tokens(5, 11), _tokens(6, 7)
     split_slot, whole_slot = runner.allocate_slot(), runner.allocate_slot()

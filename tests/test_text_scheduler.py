@@ -70,30 +70,57 @@ _ids = itertools.count()
 
 
 def make_request(
-    prompt_len: int, conversation: Conversation | None = None, prompt: list[int] | None = None
+    prompt_len: int,
+    conversation: Conversation | None = None,
+    prompt: list[int] | None = None,
+    max_output_tokens: int | None = None,
 ) -> TextRequest:
     """A request with ``prompt`` (default: ids 1..prompt_len) on ``conversation`` (default: a new one)."""
     ids = prompt if prompt is not None else list(range(1, prompt_len + 1))
-    return TextRequest(f"r{next(_ids)}", conversation or Conversation(), ids)
+    return TextRequest(f"r{next(_ids)}", conversation or Conversation(), ids, max_output_tokens=max_output_tokens)
 
 
 def make_scheduler(
-    num_slots: int = 4, budget: int = 64, max_waiting: int = 16, min_shared_prefix: int = 0
+    num_slots: int = 4,
+    budget: int = 64,
+    max_waiting: int = 16,
+    min_shared_prefix: int = 0,
+    max_draft_tokens: int = 0,
+    draft_max_decoding: int = 4,
 ) -> tuple[TextScheduler, FakeSlots]:
     """A scheduler over a fake pool; prefix sharing between slots is off unless ``min_shared_prefix`` is set (the
     default prompts 1..n all share their starts)."""
     slots = FakeSlots(num_slots)
-    return TextScheduler(slots, SchedulerConfig(num_slots, budget, max_waiting, min_shared_prefix)), slots
+    config = SchedulerConfig(
+        num_slots,
+        budget,
+        max_waiting,
+        min_shared_prefix,
+        max_draft_tokens=max_draft_tokens,
+        draft_max_decoding=draft_max_decoding,
+    )
+    return TextScheduler(slots, config), slots
 
 
 def step(
-    scheduler: TextScheduler, slots: FakeSlots, token: Callable[[TextRequest], int] = lambda r: SAMPLED_TOKEN
+    scheduler: TextScheduler,
+    slots: FakeSlots,
+    token: Callable[[TextRequest], int] = lambda r: SAMPLED_TOKEN,
+    truth: Callable[[TextRequest, int], int] | None = None,
 ) -> tuple[SchedulerOutput, list[TextRequest]]:
-    """Schedule, 'run' the rows on the fake pool, and report a sampled token for every sampling row."""
+    """Schedule, 'run' the rows on the fake pool, and report the sampled tokens of every sampling row: ``token``,
+    then for a row with a draft, while the last token equals the drafted one, ``truth(request, output position)``
+    (what a model would pick there)."""
     output = scheduler.schedule()
     slots.run(output)
-    sampled = {row.request.request_id: token(row.request) for row in output.rows if row.samples}
-    return output, scheduler.update(output, sampled)
+    sampled: dict[str, list[int]] = {}
+    for row in output.rows:
+        if row.samples:
+            ids = [token(row.request)]
+            while truth is not None and len(ids) <= len(row.draft) and ids[-1] == row.draft[len(ids) - 1]:
+                ids.append(truth(row.request, len(row.request.output_ids) + len(ids)))
+            sampled[row.request.request_id] = ids
+    return output, [request for request, _ in scheduler.update(output, sampled)]
 
 
 def check_slot_mirror(scheduler: TextScheduler, slots: FakeSlots) -> None:
@@ -361,15 +388,30 @@ _operation = st.one_of(
     num_slots=st.integers(1, 4),
     budget_extra=st.integers(0, 40),
     min_shared_prefix=st.sampled_from([0, 2]),
+    max_draft_tokens=st.sampled_from([0, 3]),
     operations=st.lists(_operation, min_size=10, max_size=80),
 )
 def test_random_traffic_keeps_invariants(
-    num_slots: int, budget_extra: int, min_shared_prefix: int, operations: list[tuple[str, int, int]]
+    num_slots: int,
+    budget_extra: int,
+    min_shared_prefix: int,
+    max_draft_tokens: int,
+    operations: list[tuple[str, int, int]],
 ) -> None:
     budget = num_slots + budget_extra
     scheduler, slots = make_scheduler(
-        num_slots=num_slots, budget=budget, max_waiting=8, min_shared_prefix=min_shared_prefix
+        num_slots=num_slots,
+        budget=budget,
+        max_waiting=8,
+        min_shared_prefix=min_shared_prefix,
+        max_draft_tokens=max_draft_tokens,
     )
+    max_output = 40 if max_draft_tokens else None
+    min_output = 12 if max_draft_tokens else 1  # tokens a request generates before it may finish
+
+    def truth(request: TextRequest, position: int) -> int:  # repeats itself, so drafts are proposed and most hold
+        return 1005 if position % 7 == 6 else 1000 + position % 3
+
     conversations = [Conversation() for _ in range(4)]
     last_request: dict[int, TextRequest] = {}
     ended: set[str] = set()
@@ -381,19 +423,28 @@ def test_random_traffic_keeps_invariants(
         for request in running_before:
             if request.status is RequestStatus.RUNNING and request.request_id not in ended:
                 assert request in requests, "a running request got no row"
+        decoding = sum(not row.is_prefill for row in output.rows)
         for row in output.rows:
             assert row.request.status is RequestStatus.RUNNING
             if not row.is_prefill:
-                assert len(row.token_ids) == 1
+                assert len(row.token_ids) == 1 + len(row.draft)
+                assert row.token_ids[1:] == row.draft
+            if row.draft:
+                assert decoding <= scheduler.config.draft_max_decoding and not row.is_prefill
+                assert len(row.request.output_ids) + len(row.draft) < (max_output or 0)
         ended.update(r.request_id for r in output.aborted)
 
     def do_step(finishing: int) -> None:
         running_before = [r for r in scheduler.running() if r.request_id not in scheduler._pending_aborts]
-        output, grown = step(scheduler, slots, token=lambda r: 1000 + len(r.output_ids))
+        output, grown = step(scheduler, slots, token=lambda r: truth(r, len(r.output_ids)), truth=truth)
         check_step(output, running_before)
         check_slot_mirror(scheduler, slots)
-        for request in grown[:finishing]:
-            scheduler.finish(request, RequestStatus.FINISHED_STOPPED)
+        long_enough = [request for request in grown if len(request.output_ids) >= min_output]  # drafts need history
+        for request in long_enough[:finishing]:
+            # a stop inside the step's tokens keeps only the tokens up to it (a draft may have added more)
+            keep = max(1, len(request.output_ids) - finishing % 2)
+            scheduler.finish(request, RequestStatus.FINISHED_STOPPED, output_length=keep)
+            assert len(request.output_ids) == keep
             ended.add(request.request_id)
         check_slot_mirror(scheduler, slots)
 
@@ -401,9 +452,9 @@ def test_random_traffic_keeps_invariants(
         conversation = conversations[min(index, len(conversations) - 1)]
         if kind == "chat" and conversation.active_request_id is None:
             prompt = [*conversation.token_ids[: len(conversation.token_ids) // 2], *range(2000, 2000 + amount)]
-            request = make_request(0, conversation, prompt=prompt)
+            request = make_request(0, conversation, prompt=prompt, max_output_tokens=max_output)
         elif kind == "complete":
-            request = make_request(amount, Conversation(ephemeral=True))
+            request = make_request(amount, Conversation(ephemeral=True), max_output_tokens=max_output)
         elif kind == "abort" and index in last_request:
             scheduler.abort(last_request[index].request_id)
             continue
@@ -609,3 +660,92 @@ def test_cache_idle_s_zero_keeps_one_off_caches_until_their_slot_is_needed() -> 
     assert one_off.conversation.slot is not None and scheduler.next_cache_expiry() is None
     with pytest.raises(ValueError, match="cache_idle_s"):
         SchedulerConfig(2, 64, 16, cache_idle_s=-1.0)
+
+
+# -- speculative decoding: drafts from prompt lookup ----------------------------------------------------------------
+
+
+def _periodic(request: TextRequest, position: int) -> int:
+    """A 'model' that repeats three tokens, so prompt lookup finds drafts once it has said them twice."""
+    return 1000 + position % 3
+
+
+def _decode_until_drafting(scheduler: TextScheduler, slots: FakeSlots) -> SchedulerOutput:
+    for _ in range(20):
+        output, _ = step(scheduler, slots, token=lambda r: _periodic(r, len(r.output_ids)), truth=_periodic)
+        if any(row.draft for row in output.rows):
+            return output
+    raise AssertionError("no draft was proposed")
+
+
+def test_confirmed_draft_tokens_are_kept_and_the_rest_are_cut_out_of_the_slot() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, max_draft_tokens=3)
+    request = make_request(4, max_output_tokens=100)
+    scheduler.add(request)
+    output = _decode_until_drafting(scheduler, slots)
+    # output so far 1000 1001 1002 1000 1001: "1000 1001" occurred before, followed by "1002 1000 1001"
+    assert output.rows[0].token_ids == (1001, 1002, 1000, 1001) and output.rows[0].draft == (1002, 1000, 1001)
+    assert request.output_ids[-4:] == [1002, 1000, 1001, 1002]  # three confirmed drafts and the model's next token
+    assert request.drafted_tokens == request.accepted_draft_tokens == 3
+    check_slot_mirror(scheduler, slots)
+
+    # The model now disagrees with the second draft token: one confirmed, the other two are cut out again.
+    before = len(request.output_ids)
+    output, grown = step(scheduler, slots, token=lambda r: _periodic(r, len(r.output_ids)), truth=lambda r, p: 7)
+    assert grown == [request] and len(output.rows[0].draft) == 3
+    assert request.output_ids[before:] == [output.rows[0].draft[0], 7]
+    assert request.accepted_draft_tokens == 4 and request.drafted_tokens == 6
+    assert slots.truncations[-1] == (request.conversation.slot, request.num_computed)
+    check_slot_mirror(scheduler, slots)
+
+
+def test_drafts_stay_within_the_request_limit_the_budget_and_few_decoding_requests() -> None:
+    scheduler, slots = make_scheduler(num_slots=4, max_draft_tokens=8)
+    request = make_request(4, max_output_tokens=9)
+    scheduler.add(request)
+    for _ in range(9):  # the engine ends the request at its limit, so step only until then
+        if len(request.output_ids) == 9:
+            break
+        step(scheduler, slots, token=lambda r: _periodic(r, len(r.output_ids)), truth=_periodic)
+        assert len(request.output_ids) <= 9  # a draft never lets the output pass max_output_tokens
+    assert len(request.output_ids) == 9 and request.drafted_tokens > 0
+    assert scheduler.schedule().rows[0].draft == ()  # at the limit: no room for a draft
+
+    crowded, crowded_slots = make_scheduler(num_slots=4, max_draft_tokens=8, draft_max_decoding=2)
+    requests = [make_request(4, max_output_tokens=100) for _ in range(3)]
+    for r in requests:
+        crowded.add(r)
+    for _ in range(15):
+        output, _ = step(crowded, crowded_slots, token=lambda r: _periodic(r, len(r.output_ids)), truth=_periodic)
+        assert not any(row.draft for row in output.rows)  # three requests decode: verifying would cost more
+
+    tight, tight_slots = make_scheduler(num_slots=2, budget=3, max_draft_tokens=8)
+    tight.add(make_request(4, max_output_tokens=100))
+    output = _decode_until_drafting(tight, tight_slots)
+    assert len(output.rows[0].draft) == 2  # a step's budget of 3 tokens: the newest token and two drafted
+
+
+def test_a_stop_inside_confirmed_drafts_keeps_the_output_up_to_it() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, max_draft_tokens=3)
+    request = make_request(4, max_output_tokens=100)
+    scheduler.add(request)
+    _decode_until_drafting(scheduler, slots)
+    length = len(request.output_ids)
+    scheduler.finish(request, RequestStatus.FINISHED_STOPPED, output_length=length - 2)  # stopped two tokens back
+    assert len(request.output_ids) == length - 2
+    assert request.num_computed == request.num_tokens - 1  # as after a plain step: the last token is not cached
+    assert request.conversation.token_ids == request.computed_ids()
+    check_slot_mirror(scheduler, slots)
+
+
+def test_sampled_tokens_must_continue_the_draft() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, max_draft_tokens=3)
+    request = make_request(4, max_output_tokens=100)
+    scheduler.add(request)
+    _decode_until_drafting(scheduler, slots)
+    output = scheduler.schedule()
+    draft = output.rows[0].draft
+    assert draft
+    slots.run(output)
+    with pytest.raises(ValueError, match="do not continue the draft"):
+        scheduler.update(output, {request.request_id: [draft[0] + 1, 5]})

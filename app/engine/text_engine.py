@@ -77,6 +77,11 @@ class TextEngineSettings:
     min_shared_prefix: int = 8  # a conversation's first turn copies another slot's cached prefix this long; 0: never
     # A finished one-off request's slot (kept as a prefix cache) unused this long is freed; 0: kept until needed.
     prefix_cache_idle_s: float = 300.0
+    # Speculative decoding (prompt lookup, app.engine.prompt_lookup): draft tokens per decode row, 0 = off, and the
+    # most decoding requests a step may have for its rows to carry drafts (verifying pays off only in small calls;
+    # at 8 streams first turns decoded 25% slower with drafts, docs/benchmarks.md).
+    max_draft_tokens: int = 10
+    draft_max_decoding: int = 4
     warmup: bool = True  # run one tiny prefill and decode at start()
 
     def __post_init__(self) -> None:
@@ -84,7 +89,9 @@ class TextEngineSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TextEngineSettings.{name} should be a positive integer, got {value!r}")
-        for name in ("max_waiting_requests", "min_shared_prefix", "prefix_cache_idle_s"):
+        for name in (
+            "max_waiting_requests", "min_shared_prefix", "prefix_cache_idle_s", "max_draft_tokens", "draft_max_decoding"
+        ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TextEngineSettings.{name} should be >= 0, got {getattr(self, name)}")
 
@@ -148,6 +155,8 @@ class TextEngine:
                 max_waiting=self.settings.max_waiting_requests,
                 min_shared_prefix=self.settings.min_shared_prefix,
                 cache_idle_s=self.settings.prefix_cache_idle_s,
+                max_draft_tokens=self.settings.max_draft_tokens,
+                draft_max_decoding=self.settings.draft_max_decoding,
             ),
         )
         self._sampler = Sampler()
@@ -332,7 +341,7 @@ class TextEngine:
         params.validate(self.context_length, len(prompt_ids))
         max_tokens = params.effective_max_tokens(self.context_length, len(prompt_ids))
         request_id = f"gen-{next(self._request_numbers)}"
-        request = TextRequest(request_id, conversation, prompt_ids)
+        request = TextRequest(request_id, conversation, prompt_ids, max_output_tokens=max_tokens)
         mailbox = GenerationMailbox()
         generation = Generation(request_id, mailbox, lambda: self._cancel(request_id))
         stream = _Stream(
@@ -393,7 +402,7 @@ class TextEngine:
             if not output.rows:
                 await self._wait_for_work()
                 continue
-            inputs = [StepInput(row.slot, row.token_ids) for row in output.rows]
+            inputs = [StepInput(row.slot, row.token_ids, max(1, row.logits_needed)) for row in output.rows]
             sample_rows = [position for position, row in enumerate(output.rows) if row.samples]
             streams = [self._streams[output.rows[position].request.request_id] for position in sample_rows]
             started = time.perf_counter()
@@ -408,18 +417,23 @@ class TextEngine:
                     self._execute_step,
                     inputs,
                     sample_rows,
+                    [output.rows[position].draft for position in sample_rows],
                     [stream.params for stream in streams],
                     [stream.generator for stream in streams],
                 )
             finally:
                 self._step_in_flight = False
             finished = time.perf_counter()
-            sampled = {stream.request.request_id: token for stream, token in zip(streams, sampled_ids, strict=True)}
-            for request in self._scheduler.update(output, sampled):
-                self._on_token(self._streams[request.request_id], finished)
+            sampled = {stream.request.request_id: ids for stream, ids in zip(streams, sampled_ids, strict=True)}
+            accepted = 0
+            for request, count in self._scheduler.update(output, sampled):
+                accepted += count - 1
+                self._on_tokens(self._streams[request.request_id], request.output_ids[-count:], finished)
             self._notify_observer(
                 "on_step", len(output.rows), output.prefill_tokens, output.decode_tokens, finished - started
             )
+            if output.draft_tokens:
+                self._notify_observer("on_draft", output.draft_tokens, accepted)
 
     async def _wait_for_work(self) -> None:
         """Sleep until a request, abort or release arrives, or until the next one-off cache expires (the next
@@ -444,33 +458,50 @@ class TextEngine:
         self,
         inputs: list[StepInput],
         sample_rows: list[int],
+        drafts: list[tuple[int, ...]],
         params: list[SamplingParams],
         generators: list[np.random.Generator],
-    ) -> list[int]:
+    ) -> list[list[int]]:
         """Runs in the executor: one ``runner.step`` over all the step's rows (the runner splits it into session
-        calls if padding would be wasteful), then the next token of every row that samples (``sample_rows`` index
-        ``inputs``)."""
+        calls if padding would be wasteful), then the new tokens of every row that samples (``sample_rows`` index
+        ``inputs``; ``drafts`` and the rest are per sampling row).
+
+        A row with a draft samples position after position while the token sampled equals the drafted one: the
+        tokens, and the random numbers drawn for them, are those of decoding one token per step.
+        """
         logits = self._runner.step(inputs)
         if not sample_rows:
             return []
-        return [int(token) for token in self._sampler.sample(logits[sample_rows], params, generators)]
+        firsts = np.concatenate([[0], np.cumsum([row.logits for row in inputs])])[sample_rows]
+        first_ids = self._sampler.sample(logits[firsts], params, generators)
+        sampled: list[list[int]] = []
+        for k, draft in enumerate(drafts):
+            ids = [int(first_ids[k])]
+            while len(ids) <= len(draft) and ids[-1] == draft[len(ids) - 1]:
+                row = logits[firsts[k] + len(ids)][None]
+                ids.append(int(self._sampler.sample(row, params[k : k + 1], generators[k : k + 1])[0]))
+            sampled.append(ids)
+        return sampled
 
-    def _on_token(self, stream: _Stream, now: float) -> None:
+    def _on_tokens(self, stream: _Stream, token_ids: Sequence[int], now: float) -> None:
+        """Detokenize and check the stop conditions of a step's new tokens; a stop drops the tokens after it."""
         request = stream.request
-        token = request.output_ids[-1]
         if stream.first_token_at is None:
             stream.first_token_at = now
             self._notify_observer("on_ttft", now - stream.submitted_at)
-        text, reason = stream.stop.update(token, stream.detokenizer.push(token))
-        stream.unsent_ids.append(token)
-        if text:
-            stream.mailbox.put_delta(text, tuple(stream.unsent_ids))
-            stream.emitted.append(text)
-            stream.unsent_ids.clear()
-        if reason is not None:
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
-            self._scheduler.finish(request, status)
-            self._end_stream(stream, reason, now)
+        for position, token in enumerate(token_ids):
+            text, reason = stream.stop.update(token, stream.detokenizer.push(token))
+            stream.unsent_ids.append(token)
+            if text:
+                stream.mailbox.put_delta(text, tuple(stream.unsent_ids))
+                stream.emitted.append(text)
+                stream.unsent_ids.clear()
+            if reason is not None:
+                status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+                unused = len(token_ids) - 1 - position
+                self._scheduler.finish(request, status, output_length=len(request.output_ids) - unused)
+                self._end_stream(stream, reason, now)
+                return
 
     def _end_aborted(self, requests: Sequence[TextRequest]) -> None:
         now = time.perf_counter()
@@ -500,6 +531,8 @@ class TextEngine:
             prefill_tokens=request.prefilled_tokens,
             prefill_ms=prefill_s * 1000.0,
             decode_ms=decode_s * 1000.0,
+            draft_tokens=request.drafted_tokens,
+            accepted_draft_tokens=request.accepted_draft_tokens,
         )
         usage = Usage(len(request.prompt_ids), completion, request.cached_tokens)
         stream.mailbox.put_done(GenerationDone(reason, usage, timings))

@@ -41,6 +41,8 @@ class Timings:
     prefill_tokens: int  # prompt tokens actually run through the model (prompt_tokens - cached_tokens)
     prefill_ms: float  # first prefill step start to the first generated token
     decode_ms: float  # first generated token to the end
+    draft_tokens: int = 0  # tokens guessed by prompt lookup and verified by the model (speculative decoding)
+    accepted_draft_tokens: int = 0  # of those, the ones the model confirmed (each saved a decode step)
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,9 @@ class TextEngineObserver(Protocol):
 
     def on_ttft(self, seconds: float) -> None:
         """When a generation produces its first token: seconds since it was submitted."""
+
+    def on_draft(self, drafted: int, accepted: int) -> None:
+        """After a step whose rows carried drafts: tokens drafted, and of those confirmed by the model."""
 
 
 class GenerationMailbox:

@@ -23,6 +23,14 @@ caches of one-off requests first) loses its slot. Only when every slot is held b
 A one-off request's cache that no request has taken over for ``cache_idle_s`` is freed at the next ``schedule``
 (the engine wakes itself for it: ``next_cache_expiry``), so memory returns to idle once stateless traffic stops.
 
+Speculative decoding (``max_draft_tokens`` > 0): when at most ``draft_max_decoding`` requests decode in a step,
+each decode row carries a draft after its newest token, the continuation of the latest earlier occurrence of the
+sequence's last few tokens (``app.engine.prompt_lookup``). The caller computes logits at every position of such a
+row, samples position by position while the sampled token equals the next drafted one, and reports all the tokens
+it sampled; ``update`` keeps the drafted tokens that were confirmed and cuts the rest out of the slot again. The
+caller's sampling consumes its random numbers exactly as without a draft, so the tokens are the same either way.
+A request's drafts never run past its ``max_output_tokens``.
+
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
 caller runs the model, samples, and reports back with ``update`` and ``finish``.
@@ -34,11 +42,12 @@ import enum
 import logging
 import time
 from collections import OrderedDict, deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.engine.conversation import Conversation, common_prefix_length
+from app.engine.prompt_lookup import propose_draft
 from app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -90,6 +99,9 @@ class TextRequest:
     num_computed: int = 0  # tokens of prompt + output whose KV is in the slot
     cached_tokens: int = 0  # prompt tokens reused from the conversation's slot at admission
     prefilled_tokens: int = 0  # prompt tokens run through the model
+    max_output_tokens: int | None = None  # the request's token limit; drafts stay within it (None: no drafts)
+    drafted_tokens: int = 0  # draft tokens run through the model (speculative decoding)
+    accepted_draft_tokens: int = 0  # of those, the ones the model confirmed
 
     @property
     def num_tokens(self) -> int:
@@ -117,6 +129,13 @@ class TextRequest:
         """The tokens in the slot."""
         return list(self.token_range(0, self.num_computed))
 
+    def draft_room(self) -> int:
+        """How many draft tokens the next decode row may carry: each confirmed one is an output token, and the row
+        samples one more after them."""
+        if self.max_output_tokens is None:
+            return 0
+        return max(0, self.max_output_tokens - len(self.output_ids) - 1)
+
 
 @dataclass(frozen=True)
 class SchedulerConfig:
@@ -125,6 +144,10 @@ class SchedulerConfig:
     max_waiting: int  # requests that may wait beyond the slots that can take them; more raise OverloadedError
     min_shared_prefix: int = 8  # a new slot copies another slot's cached prefix of at least this many tokens; 0: never
     cache_idle_s: float = 0.0  # a one-off request's cache unused this long is freed; 0: kept until its slot is needed
+    max_draft_tokens: int = 0  # draft tokens per decode row (speculative decoding, prompt lookup); 0: off
+    draft_max_decoding: int = 4  # drafts only in steps with at most this many decoding requests
+    draft_min_ngram: int = 2  # the shortest run of last tokens whose earlier occurrence proposes a draft
+    draft_max_ngram: int = 3  # the longest, tried first
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
@@ -140,6 +163,12 @@ class SchedulerConfig:
             raise ValueError(f"min_shared_prefix should be >= 0, got {self.min_shared_prefix}")
         if not self.cache_idle_s >= 0:  # rejects NaN too
             raise ValueError(f"cache_idle_s should be >= 0, got {self.cache_idle_s}")
+        if self.max_draft_tokens < 0 or self.draft_max_decoding < 0:
+            raise ValueError("max_draft_tokens and draft_max_decoding should be >= 0")
+        if not 1 <= self.draft_min_ngram <= self.draft_max_ngram:
+            raise ValueError(
+                f"draft n-gram sizes should satisfy 1 <= min <= max, got {self.draft_min_ngram}, {self.draft_max_ngram}"
+            )
 
 
 @dataclass(frozen=True)
@@ -152,6 +181,12 @@ class ScheduledRow:
     token_ids: tuple[int, ...]
     samples: bool  # the row reaches the end of the known tokens: sample the request's next token from its logits
     is_prefill: bool  # the tokens come from the prompt
+    draft: tuple[int, ...] = ()  # guessed next tokens, the end of ``token_ids`` (speculative decoding)
+
+    @property
+    def logits_needed(self) -> int:
+        """Positions whose logits the caller needs: the last, and one before each draft token."""
+        return len(self.draft) + 1 if self.samples else 0
 
 
 @dataclass(frozen=True)
@@ -167,6 +202,10 @@ class SchedulerOutput:
     @property
     def decode_tokens(self) -> int:
         return sum(len(row.token_ids) for row in self.rows if not row.is_prefill)
+
+    @property
+    def draft_tokens(self) -> int:
+        return sum(len(row.draft) for row in self.rows)
 
     @property
     def num_tokens(self) -> int:
@@ -286,12 +325,22 @@ class TextScheduler:
                 conversation.token_ids = []
         return aborted
 
-    def finish(self, request: TextRequest, status: RequestStatus) -> None:
-        """End a running request after ``update`` (stop or length). Its conversation keeps the slot, now idle."""
+    def finish(self, request: TextRequest, status: RequestStatus, output_length: int | None = None) -> None:
+        """End a running request after ``update`` (stop or length). Its conversation keeps the slot, now idle.
+
+        ``output_length`` keeps only that many output tokens (a step that confirmed draft tokens can add tokens
+        after the one that stopped the request); the slot forgets what it cached after them."""
         if not status.is_finished or status is RequestStatus.FINISHED_ABORTED:
             raise ValueError(f"finish takes FINISHED_STOPPED or FINISHED_LENGTH, got {status.name}")
         if request.status is not RequestStatus.RUNNING:
             raise RuntimeError(f"request {request.request_id} is {request.status.name}, not RUNNING")
+        if output_length is not None and output_length < len(request.output_ids):
+            if output_length < 1:
+                raise ValueError(f"output_length should be >= 1, got {output_length}")
+            del request.output_ids[output_length:]
+            # As after a plain step: every output token but the last is cached.
+            request.num_computed = min(request.num_computed, request.num_tokens - 1)
+            self._truncate_slot(request)
         self._running.remove(request)
         self._end(request, status)
 
@@ -302,10 +351,14 @@ class TextScheduler:
         rows: list[ScheduledRow] = []
         budget = self.config.token_budget
         # Decode rows first: a stream in progress never waits behind a prompt.
-        for request in self._running:
-            if not request.is_prefilling:
-                rows.append(self._row(request, 1))
-                budget -= 1
+        decoding = [request for request in self._running if not request.is_prefilling]
+        drafting = 0 < len(decoding) <= self.config.draft_max_decoding and self.config.max_draft_tokens > 0
+        spare = budget - len(self._running)  # what drafts may take: every running request keeps a token
+        for request in decoding:
+            draft = self._draft(request, spare) if drafting else ()
+            rows.append(self._row(request, 1, draft))
+            budget -= 1 + len(draft)
+            spare -= len(draft)
         for request in self._running:
             if request.is_prefilling and budget > 0:
                 row = self._row(request, min(request.num_pending, budget))
@@ -322,10 +375,12 @@ class TextScheduler:
             budget -= len(row.token_ids)
         return SchedulerOutput(tuple(rows), tuple(aborted), tuple(evicted))
 
-    def update(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[TextRequest]:
-        """Record a finished step: the rows' tokens are now cached; ``sampled`` has the next token of every row
-        with ``samples``. Returns the requests that got a new token, in row order."""
-        grown: list[TextRequest] = []
+    def update(self, output: SchedulerOutput, sampled: Mapping[str, Sequence[int]]) -> list[tuple[TextRequest, int]]:
+        """Record a finished step: the rows' tokens are now cached; ``sampled`` has the new tokens of every row with
+        ``samples``: one, or for a row with a draft the draft tokens the model confirmed and then its own next token.
+        Unconfirmed draft tokens are cut out of the slot. Returns each request that got tokens with their number, in
+        row order."""
+        grown: list[tuple[TextRequest, int]] = []
         for row in output.rows:
             request = row.request
             if request.status is not RequestStatus.RUNNING:
@@ -333,9 +388,19 @@ class TextScheduler:
             request.num_computed += len(row.token_ids)
             if row.is_prefill:
                 request.prefilled_tokens += len(row.token_ids)
-            if row.samples:
-                request.output_ids.append(sampled[request.request_id])
-                grown.append(request)
+            if not row.samples:
+                continue
+            new_ids = list(sampled[request.request_id])
+            confirmed = len(new_ids) - 1
+            if not 0 <= confirmed <= len(row.draft) or tuple(new_ids[:confirmed]) != row.draft[:confirmed]:
+                raise ValueError(f"{request.request_id}: sampled {new_ids} do not continue the draft {row.draft}")
+            if confirmed < len(row.draft):
+                request.num_computed -= len(row.draft) - confirmed
+                self._truncate_slot(request)
+            request.drafted_tokens += len(row.draft)
+            request.accepted_draft_tokens += confirmed
+            request.output_ids += new_ids
+            grown.append((request, len(new_ids)))
         return grown
 
     def drop_all(self) -> None:
@@ -356,7 +421,7 @@ class TextScheduler:
 
     # -- internals -------------------------------------------------------------------------------------------------
 
-    def _row(self, request: TextRequest, n_tokens: int) -> ScheduledRow:
+    def _row(self, request: TextRequest, n_tokens: int, draft: tuple[int, ...] = ()) -> ScheduledRow:
         start = request.num_computed
         slot = request.conversation.slot
         assert slot is not None, f"running request {request.request_id} has no slot"
@@ -364,10 +429,30 @@ class TextScheduler:
             request=request,
             slot=slot,
             start=start,
-            token_ids=request.token_range(start, start + n_tokens),
+            token_ids=request.token_range(start, start + n_tokens) + draft,
             samples=start + n_tokens == request.num_tokens,
             is_prefill=start < len(request.prompt_ids),
+            draft=draft,
         )
+
+    def _draft(self, request: TextRequest, budget: int) -> tuple[int, ...]:
+        """The draft of a decoding request's next row (prompt lookup over its prompt and output), at most ``budget``
+        tokens."""
+        room = min(self.config.max_draft_tokens, request.draft_room(), budget)
+        if room < 1:
+            return ()
+        return propose_draft(
+            request.token_range(0, request.num_tokens),
+            max_tokens=room,
+            max_ngram=self.config.draft_max_ngram,
+            min_ngram=self.config.draft_min_ngram,
+        )
+
+    def _truncate_slot(self, request: TextRequest) -> None:
+        """Make the slot hold exactly the request's computed tokens again (after unconfirmed or unused drafts)."""
+        slot = request.conversation.slot
+        assert slot is not None, f"running request {request.request_id} has no slot"
+        self._slots.truncate(slot, request.num_computed)
 
     def _admit(self, request: TextRequest, evicted: list[Conversation]) -> bool:
         """Give the request its conversation's slot (reusing the cached prefix), a free slot, or an evicted one."""

@@ -12,6 +12,7 @@ from app.server.metrics import Metrics, SpeechMetricsObserver, TextMetricsObserv
 
 if TYPE_CHECKING:
     from app.engine.speech_engine import SpeechEngineSettings
+    from app.engine.text_engine import TextEngineSettings
 
 logger = logging.getLogger(__name__)
 
@@ -90,19 +91,28 @@ def _warm_up_speech(whisper: Any, vad: Any) -> None:
 
 
 def _build_text(loaded: LoadedVersion, settings: Settings, metrics: Metrics) -> BuiltEngine:
-    from app.engine.text_engine import TextEngine, TextEngineSettings
+    from app.engine.text_engine import TextEngine
 
     engine = TextEngine.from_directory(
         loaded.directory,
         loaded.manifest.config,
-        TextEngineSettings(
-            intra_op_threads=settings.chat_threads,
-            min_shared_prefix=settings.chat_shared_prefix_min_tokens,
-            prefix_cache_idle_s=settings.chat_prefix_cache_idle_s,
-        ),
+        text_engine_settings(settings),
         TextMetricsObserver(metrics, loaded.name, loaded.version),
     )
     return BuiltEngine(engine=engine, info={"context_length": engine.context_length})
+
+
+def text_engine_settings(settings: Settings) -> TextEngineSettings:
+    """A text engine's settings from the server's (``BROOK_CHAT_*``)."""
+    from app.engine.text_engine import TextEngineSettings
+
+    return TextEngineSettings(
+        intra_op_threads=settings.chat_threads,
+        min_shared_prefix=settings.chat_shared_prefix_min_tokens,
+        prefix_cache_idle_s=settings.chat_prefix_cache_idle_s,
+        max_draft_tokens=settings.chat_draft_tokens,
+        draft_max_decoding=settings.chat_draft_max_streams,
+    )
 
 
 def _build_generic(loaded: LoadedVersion, metrics: Metrics) -> BuiltEngine:

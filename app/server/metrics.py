@@ -26,6 +26,9 @@ class Metrics:
         self.audio_seconds = Counter("brook_audio_seconds_total", "Seconds of audio received",
                                      ["model", "version"], registry=r)
         self.tokens_out = Counter("brook_tokens_generated_total", "Tokens generated", ["model", "version"], registry=r)
+        self.draft_tokens = Counter("brook_draft_tokens_total",
+                                    "Speculative draft tokens verified by the model (outcome: accepted or rejected)",
+                                    ["model", "version", "outcome"], registry=r)
         self.prompt_tokens = Counter("brook_prompt_tokens_total", "Prompt tokens (prefilled plus cached)",
                                      ["model", "version", "kind"], registry=r)
         self.ttft = Histogram("brook_ttft_seconds", "Time to first token", ["model", "version"],
@@ -92,6 +95,10 @@ class TextMetricsObserver:
 
     def on_ttft(self, seconds: float) -> None:
         self._metrics.ttft.labels(*self._labels).observe(seconds)
+
+    def on_draft(self, drafted: int, accepted: int) -> None:
+        self._metrics.draft_tokens.labels(*self._labels, "accepted").inc(accepted)
+        self._metrics.draft_tokens.labels(*self._labels, "rejected").inc(drafted - accepted)
 
 
 class BatchMetricsObserver:

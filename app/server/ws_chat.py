@@ -170,5 +170,6 @@ def done_message(done: GenerationDone) -> dict[str, Any]:
                   "cached_tokens": done.usage.cached_tokens},
         "timings": {"ttft_ms": round(timings.ttft_ms, 1), "tokens_per_s": round(timings.tokens_per_s, 1),
                     "prefill_tokens": timings.prefill_tokens, "prefill_ms": round(timings.prefill_ms, 1),
-                    "decode_ms": round(timings.decode_ms, 1)},
+                    "decode_ms": round(timings.decode_ms, 1), "draft_tokens": timings.draft_tokens,
+                    "accepted_draft_tokens": timings.accepted_draft_tokens},
     }

@@ -67,10 +67,15 @@ FP32_SPLIT_DECODE_ROWS: Final = 2
 
 @dataclass(frozen=True)
 class StepInput:
-    """New tokens for the sequence in ``slot``: a whole prompt, a prompt chunk, or one generated token."""
+    """New tokens for the sequence in ``slot``: a whole prompt, a prompt chunk, or one generated token (plus, when
+    decoding speculatively, drafted tokens after it).
+
+    ``logits`` is how many of the last positions return logits: 1 for the next token, more to verify a draft.
+    """
 
     slot: int
     token_ids: Sequence[int]
+    logits: int = 1
 
 
 @dataclass(frozen=True)
@@ -325,7 +330,8 @@ class LlamaRunner:
     # -- stepping ------------------------------------------------------------------------------------------------
 
     def step(self, batch: Sequence[StepInput]) -> np.ndarray:
-        """Append each row's tokens to its slot; return float32 logits ``[len(batch), vocab]`` of each last token.
+        """Append each row's tokens to its slot; return float32 logits ``[sum of rows' logits, vocab]``: each row's
+        last ``logits`` positions, in order, row after row (one row per input when every ``logits`` is 1).
 
         All rows are checked before anything runs (allocated, distinct slots, at least one token, room left), so a
         rejected step leaves the cache unchanged.
@@ -340,6 +346,10 @@ class LlamaRunner:
             if ids.min() < 0 or ids.max() >= self.vocab_size:
                 raise ValueError(f"slot {slot}: token ids must be in [0, {self.vocab_size})")
             self.cache.check_room(slot, ids.size)
+        for row in batch:  # a prompt longer than a chunk runs in several calls: only the last one's logits exist
+            most = len(row.token_ids) if len(row.token_ids) <= self.max_chunk_tokens else 1
+            if not 1 <= row.logits <= most:
+                raise ValueError(f"slot {row.slot}: logits must be in [1, {most}], got {row.logits}")
         self._run_copies()  # prefixes copied into new slots (copy_prefix), here on the engine's inference thread
         # Prefill long prompts chunk by chunk; only the last chunk's logits are needed.
         for i, slot in enumerate(slots):
@@ -351,40 +361,55 @@ class LlamaRunner:
                     CallPlan(slot, slot + 1, padded_chunk([self.max_chunk_tokens]), (0,)),
                 )
                 tokens[i] = tokens[i][self.max_chunk_tokens :]
-        logits = np.empty((len(batch), self.vocab_size), np.float32)
+        counts = [row.logits for row in batch]
+        firsts = np.concatenate([[0], np.cumsum(counts)])  # each row's first logits row in the result
+        logits = np.empty((int(firsts[-1]), self.vocab_size), np.float32)
         n_new = [ids.size for ids in tokens]
         lengths = self.cache.lengths(0, self.cache.layout.max_batch_size)
         plans = plan_calls(slots, n_new, lengths, self.cache.layout.buffer_tokens)
         for plan in split_decode_calls(plans, n_new, slots, self.split_decode_rows):
-            logits[list(plan.rows)] = self._run(slots, tokens, list(plan.rows), plan)
+            rows = list(plan.rows)
+            targets = np.concatenate([np.arange(firsts[r], firsts[r + 1]) for r in rows])
+            logits[targets] = self._run(slots, tokens, rows, plan, [counts[r] for r in rows])
         return logits
 
-    def _run(self, slots: Sequence[int], tokens: Sequence[np.ndarray], rows: list[int], plan: CallPlan) -> np.ndarray:
-        """One session call; advances the slots and returns logits [len(rows), vocab] in ``rows`` order.
+    def _run(
+        self,
+        slots: Sequence[int],
+        tokens: Sequence[np.ndarray],
+        rows: list[int],
+        plan: CallPlan,
+        logit_counts: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """One session call; advances the slots and returns the logits of each row's last ``logit_counts[i]``
+        positions (default one), row after row in ``rows`` order.
 
         The logits are a view of a buffer that the next call overwrites.
         """
+        logit_counts = [1] * len(rows) if logit_counts is None else logit_counts
         batch = plan.end_slot - plan.first_slot
         chunk = plan.chunk
         lengths = self.cache.lengths(plan.first_slot, plan.end_slot)
         query_lens = np.zeros(batch, np.int32)
         chunk_index = np.zeros((batch, chunk), np.int64)  # padding points at token 0; GQA ignores it
         packed_index = np.empty(sum(tokens[r].size for r in rows), np.int64)
-        logit_index = np.empty(len(rows), np.int64)
-        offset = 0
-        for i, r in enumerate(rows):
+        logit_index = np.empty(sum(logit_counts), np.int64)
+        offset = logit_offset = 0
+        for r, count in zip(rows, logit_counts, strict=True):
             b, n = slots[r] - plan.first_slot, tokens[r].size
             query_lens[b] = n
             chunk_index[b, :n] = np.arange(offset, offset + n)
             packed_index[offset : offset + n] = b * chunk + np.arange(n)
-            logit_index[i] = offset + n - 1
+            logit_index[logit_offset : logit_offset + count] = np.arange(offset + n - count, offset + n)
             offset += n
+            logit_offset += count
         seqlens_k = (np.maximum(lengths + query_lens, 1) - 1).astype(np.int32)
         input_ids = np.concatenate([tokens[r] for r in rows])
         if offset < self.min_packed_rows:  # one real token: pack it twice (module docstring)
             input_ids = np.repeat(input_ids, self.min_packed_rows)
             packed_index = np.repeat(packed_index, self.min_packed_rows)
-        if len(rows) < self.min_packed_rows:  # likewise the output projection: one row's logits computed twice
+        n_logits = logit_index.size
+        if n_logits < self.min_packed_rows:  # likewise the output projection: one row's logits computed twice
             logit_index = np.repeat(logit_index, self.min_packed_rows)
         feeds = {
             "input_ids": input_ids,
@@ -396,14 +421,17 @@ class LlamaRunner:
             # An upper bound of every row's total; GroupQueryAttention also wants it >= the chunk.
             "total_sequence_length": np.array(max(int(seqlens_k.max()) + 1, chunk), np.int32),
         }
-        decode_graph = offset == len(rows) <= self.decode_graph_rows  # only decode rows, few enough
+        # Few tokens (decode rows, drafts to verify): the two-level graph, where fp32 activations cost the most.
+        decode_graph = offset <= self.decode_graph_rows
         binding = self._binding(plan.first_slot, plan.end_slot, decode_graph)
         for name, value in feeds.items():
             binding.bind_cpu_input(name, value)
+        if logit_index.size > self._logits.shape[0]:  # drafts: more logits rows than slots
+            self._logits = np.empty((logit_index.size, self.vocab_size), np.float32)
         logits = self._logits[: logit_index.size]
         binding.bind_output("logits", "cpu", 0, np.float32, list(logits.shape), logits.ctypes.data)
         session = self._session(decode_graph)
         session.run_with_iobinding(binding)
         for r in rows:
             self.cache.advance(slots[r], tokens[r].size)
-        return logits[: len(rows)]
+        return logits[:n_logits]

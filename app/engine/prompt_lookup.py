@@ -1,0 +1,46 @@
+"""Draft tokens for speculative decoding, looked up in the sequence itself (prompt lookup, n-gram speculation).
+
+A reply often repeats what came before it: a name or a phrase of the question, a quoted passage, code being
+edited, and with small models whole sentences of an earlier answer. If the last ``n`` tokens of a sequence
+occurred earlier in it, the tokens that followed them then are a cheap guess of the tokens that come next. The
+engine appends the guess (the *draft*) to the newest token of the row, runs all of them through the model in one
+call, and keeps the drafted tokens as far as they equal what the model picks itself (``TextScheduler.update``).
+Verifying a few tokens costs much less than running them one by one when a call is small, so accepted drafts are
+nearly free tokens; a wrong draft costs only its share of the call.
+
+This is the lookup of vLLM's and TGI's n-gram speculation and llama.cpp's ``lookup`` decoding: the longest
+``n`` first (from ``max_ngram`` down to ``min_ngram``), the most recent earlier occurrence. Pure and
+model-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+
+def propose_draft(tokens: Sequence[int], *, max_tokens: int, max_ngram: int = 3, min_ngram: int = 2) -> tuple[int, ...]:
+    """Up to ``max_tokens`` tokens that followed the latest earlier occurrence of the sequence's last ``n`` tokens.
+
+    ``n`` runs from ``max_ngram`` down to ``min_ngram``; the first ``n`` with a match wins. Empty when nothing
+    matches, when ``max_tokens`` < 1, or when the sequence is too short.
+    """
+    if max_tokens < 1 or min_ngram < 1 or max_ngram < min_ngram or len(tokens) <= min_ngram:
+        return ()
+    ids = np.asarray(tokens, dtype=np.int64)
+    size = ids.size
+    # Candidate ends: earlier positions holding the last token (never the last position itself).
+    ends = np.flatnonzero(ids[: size - 1] == ids[-1])
+    if ends.size == 0:
+        return ()
+    for n in range(min(max_ngram, size - 1), min_ngram - 1, -1):
+        matching = ends[ends >= n - 1]
+        for back in range(1, n):  # compare the n-gram's earlier tokens, position by position
+            if matching.size == 0:
+                break
+            matching = matching[ids[matching - back] == ids[size - 1 - back]]
+        if matching.size:
+            start = int(matching[-1]) + 1  # the latest occurrence: its continuation is the freshest guess
+            return tuple(int(token) for token in ids[start : start + max_tokens])
+    return ()

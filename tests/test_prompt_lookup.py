@@ -1,0 +1,58 @@
+"""Draft proposals by prompt lookup (app/engine/prompt_lookup.py): pure, no model."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from app.engine.prompt_lookup import propose_draft
+
+
+def test_the_continuation_of_the_latest_earlier_occurrence_is_proposed() -> None:
+    tokens = [5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 2, 6, 7]
+    # the last two tokens (6, 7) occurred twice before; the later occurrence is followed by 3, 4, 2, ...
+    assert propose_draft(tokens, max_tokens=3) == (3, 4, 2)
+    assert propose_draft(tokens, max_tokens=10) == (3, 4, 2, 6, 7)
+
+
+def test_longer_ngrams_win_over_more_recent_shorter_ones() -> None:
+    tokens = [1, 2, 3, 40, 41, 9, 2, 3, 50, 51, 1, 2, 3]
+    assert propose_draft(tokens, max_tokens=2, max_ngram=3, min_ngram=2) == (40, 41)  # 1 2 3 matched
+    assert propose_draft(tokens, max_tokens=2, max_ngram=2, min_ngram=2) == (50, 51)  # only 2 3: the latest
+
+
+def test_nothing_is_proposed_without_a_match_or_room() -> None:
+    assert propose_draft([1, 2, 3, 4, 5], max_tokens=4) == ()
+    assert propose_draft([1, 2, 1, 2], max_tokens=0) == ()
+    assert propose_draft([1, 1], max_tokens=4, min_ngram=2) == ()  # too short for a 2-gram and an earlier copy
+    assert propose_draft([], max_tokens=4) == ()
+    # one matching token is not enough when the shortest n-gram is 2
+    assert propose_draft([7, 8, 9, 3, 7], max_tokens=4, min_ngram=2) == ()
+    assert propose_draft([7, 8, 9, 3, 7], max_tokens=4, min_ngram=1) == (8, 9, 3, 7)
+
+
+@given(
+    tokens=st.lists(st.integers(0, 4), max_size=60),
+    max_tokens=st.integers(0, 6),
+    min_ngram=st.integers(1, 3),
+    extra=st.integers(0, 2),
+)
+def test_a_draft_continues_the_latest_occurrence_of_the_longest_repeated_tail(
+    tokens: list[int], max_tokens: int, min_ngram: int, extra: int
+) -> None:
+    max_ngram = min_ngram + extra
+    draft = propose_draft(tokens, max_tokens=max_tokens, max_ngram=max_ngram, min_ngram=min_ngram)
+    # earlier occurrences (start i) of the last n tokens, longest n first, by a plain scan
+    matches = [
+        (n, i)
+        for n in range(max_ngram, min_ngram - 1, -1)
+        if n < len(tokens)
+        for i in range(len(tokens) - n)
+        if tokens[i : i + n] == tokens[-n:]
+    ]
+    if not matches or max_tokens < 1:
+        assert draft == ()
+        return
+    best_n = matches[0][0]
+    latest = max(i for n, i in matches if n == best_n)
+    assert draft == tuple(tokens[latest + best_n : latest + best_n + max_tokens])

@@ -1,0 +1,158 @@
+"""Speculative decoding with prompt-lookup drafts, in the text engine on the real SmolLM2-135M model.
+
+A draft only changes how many tokens one model call verifies, never which tokens come out: greedy and seeded
+replies are the same with and without drafts, stops and length limits inside a verified draft cut the reply where
+they would have, and the conversation's cached tokens stay exact for the next turn.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from app.engine.text_engine import TextEngine
+from app.text.sampling import SamplingParams
+from tests.test_text_engine import (
+    TWO_LEVEL_VERSION,
+    Model,
+    Reply,
+    StepRecorder,
+    _build_model,
+    collect,
+    load_llm,
+    running_engine,
+)
+
+DRAFTS = {"max_draft_tokens": 6, "draft_max_decoding": 2}
+# Replies that repeat what the prompt says, or what they said themselves: where prompt lookup finds drafts.
+REPEATING_PROMPTS = (
+    "Repeat this sentence three times: The old lighthouse keeper lit the lamp every evening at seven.",
+    "Write the word 'hello' ten times, separated by commas.",
+    "Copy this list exactly: apples, pears, plums, cherries, grapes, melons, lemons.",
+)
+
+
+@pytest.fixture(scope="module")
+def model() -> Model:
+    return _build_model(*load_llm())
+
+
+@pytest.fixture(scope="module")
+def two_level_model() -> Model:
+    return _build_model(*load_llm(TWO_LEVEL_VERSION))
+
+
+@pytest.fixture(params=["model", "two_level_model"])
+def any_model(request: pytest.FixtureRequest) -> Model:
+    loaded: Model = request.getfixturevalue(request.param)
+    return loaded
+
+
+def token_ids(reply: Reply) -> list[int]:
+    return [token for delta in reply.deltas for token in delta.token_ids]
+
+
+async def _chat(engine: TextEngine, messages: list[tuple[str, str]], params: SamplingParams) -> Reply:
+    conversation = engine.open_conversation()
+    try:
+        return await collect(engine.chat(conversation, messages, params))
+    finally:
+        engine.close_conversation(conversation)
+
+
+async def replies(model: Model, params: SamplingParams, prompts: tuple[str, ...], **settings: Any) -> list[Reply]:
+    async with running_engine(model, **settings) as engine:
+        return [await _chat(engine, [("user", prompt)], params) for prompt in prompts]
+
+
+def test_greedy_replies_are_the_same_with_drafts_and_most_of_them_come_from_drafts(any_model: Model) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=60)
+
+    async def scenario() -> None:
+        plain = await replies(any_model, params, REPEATING_PROMPTS, max_draft_tokens=0)
+        recorder = StepRecorder()
+        drafted = await replies(any_model, params, REPEATING_PROMPTS, observer=recorder, **DRAFTS)
+        for prompt, without, with_drafts in zip(REPEATING_PROMPTS, plain, drafted, strict=True):
+            assert token_ids(with_drafts) == token_ids(without), prompt
+            assert with_drafts.done.finish_reason == without.done.finish_reason
+            assert with_drafts.done.usage == without.done.usage
+            assert without.done.timings.draft_tokens == 0
+        accepted = sum(reply.done.timings.accepted_draft_tokens for reply in drafted)
+        completion = sum(reply.done.usage.completion_tokens for reply in drafted)
+        assert accepted >= completion // 3, (accepted, completion)  # a third of the tokens came from drafts
+        assert sum(a for _, a in recorder.drafts) == accepted
+        assert sum(d for d, _ in recorder.drafts) == sum(r.done.timings.draft_tokens for r in drafted) >= accepted
+        # fewer model steps than tokens: drafted tokens were verified several per step
+        decode_steps = sum(1 for step in recorder.steps if step[2] > 0)
+        assert decode_steps < completion - len(REPEATING_PROMPTS) - accepted // 2
+
+    asyncio.run(scenario())
+
+
+def test_seeded_sampling_draws_the_same_tokens_with_drafts(model: Model) -> None:
+    params = SamplingParams(temperature=0.7, top_p=0.95, seed=1234, max_tokens=60)
+
+    async def scenario() -> None:
+        plain = await replies(model, params, REPEATING_PROMPTS, max_draft_tokens=0)
+        drafted = await replies(model, params, REPEATING_PROMPTS, **DRAFTS)
+        assert [token_ids(reply) for reply in drafted] == [token_ids(reply) for reply in plain]
+        assert sum(reply.done.timings.accepted_draft_tokens for reply in drafted) > 0
+
+    asyncio.run(scenario())
+
+
+def test_a_stop_or_limit_inside_a_verified_draft_ends_the_reply_there_and_the_next_turn_is_unchanged(
+    model: Model,
+) -> None:
+    prompt = REPEATING_PROMPTS[0]
+
+    async def two_turns(params: SamplingParams, **settings: Any) -> tuple[Reply, Reply, int, int]:
+        async with running_engine(model, **settings) as engine:
+            conversation = engine.open_conversation()
+            first = await collect(engine.chat(conversation, [("user", prompt)], params))
+            assert conversation.slot is not None
+            cached = model.runner.slot_length(conversation.slot)
+            known = len(conversation.token_ids)
+            second = await collect(engine.chat(conversation, [("user", "Now say it once more.")], params))
+            engine.close_conversation(conversation)
+            return first, second, cached, known
+
+    async def scenario() -> None:
+        full = (await replies(model, SamplingParams(temperature=0.0, max_tokens=60), (prompt,)))[0]
+        stop = "lamp every"
+        assert stop in full.text, full.text  # the reply copies the prompt's sentence: drafts from the prompt
+        for params in (
+            SamplingParams(temperature=0.0, max_tokens=60, stop=(stop,)),
+            SamplingParams(temperature=0.0, max_tokens=len(token_ids(full)) // 2 + 1),
+        ):
+            plain = await two_turns(params, max_draft_tokens=0)
+            drafted = await two_turns(params, **DRAFTS)
+            assert drafted[0].done.timings.accepted_draft_tokens > 0
+            for without, with_drafts in zip(plain[:2], drafted[:2], strict=True):
+                assert with_drafts.text == without.text
+                assert with_drafts.done.finish_reason == without.done.finish_reason
+                assert with_drafts.done.usage == without.done.usage
+            cached, known = drafted[2], drafted[3]
+            assert cached == known == plain[2]  # the slot holds exactly the conversation's tokens
+
+    asyncio.run(scenario())
+
+
+def test_drafts_are_on_by_default_and_off_while_many_requests_decode(model: Model) -> None:
+    params = SamplingParams(temperature=0.0, max_tokens=40)
+
+    async def scenario() -> None:
+        default = await replies(model, params, REPEATING_PROMPTS[:1])
+        assert default[0].done.timings.accepted_draft_tokens > 0  # TextEngineSettings (and the server) default on
+        off = await replies(model, params, REPEATING_PROMPTS[:1], max_draft_tokens=0)
+        assert off[0].done.timings.draft_tokens == 0 and token_ids(off[0]) == token_ids(default[0])
+        recorder = StepRecorder()
+        async with running_engine(model, observer=recorder, **DRAFTS) as engine:  # at most 2 decoding
+            together = await asyncio.gather(*(_chat(engine, [("user", p)], params) for p in REPEATING_PROMPTS))
+        # no step with three replies decoding carried a draft (each such step has three decode rows at least)
+        assert all(step[2] == step[0] for step in recorder.steps if step[1] == 0 and step[0] >= 3)
+        assert token_ids(together[0]) == token_ids(default[0])
+
+    asyncio.run(scenario())
