@@ -156,6 +156,7 @@ class SamplingFields:
     seed: int | None = None
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    prediction: str = ""  # the reply the client expects; speeds up decoding where the reply matches it
 
 
 @dataclass(frozen=True)
@@ -189,6 +190,7 @@ class ChatControl:
 
 ChatClientMessage = ChatTurn | RawGenerate | ChatControl
 CHAT_ROLES = ("system", "user", "assistant")
+MAX_PREDICTION_CHARS = 65536  # a predicted reply longer than this is refused (its tokens are searched every step)
 CHAT_TYPES = ("chat", "generate", "cancel", "reset", "keepalive")
 
 
@@ -214,6 +216,12 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
     ignore_eos = data.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ProtocolError("bad_message", f"field ignore_eos must be true or false, got {ignore_eos!r}")
+    prediction = data.get("prediction") or ""
+    if not isinstance(prediction, str):
+        raise ProtocolError("bad_message", f"field prediction must be a string, got {prediction!r}")
+    if len(prediction) > MAX_PREDICTION_CHARS:
+        raise ProtocolError("bad_message", f"field prediction has {len(prediction)} characters; at most "
+                            f"{MAX_PREDICTION_CHARS}")
     return SamplingFields(
         max_tokens=_optional_number(data, "max_tokens", int),
         temperature=_optional_number(data, "temperature", float),
@@ -222,6 +230,7 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         seed=_optional_number(data, "seed", int),
         stop=tuple(stop),
         ignore_eos=ignore_eos,
+        prediction=prediction,
     )
 
 

@@ -67,6 +67,24 @@ def test_a_stateless_follow_up_prefills_only_what_is_new(client: openai.OpenAI) 
     assert "Rome" in (second.choices[0].message.content or "")
 
 
+def test_a_predicted_reply_is_verified_several_tokens_at_a_time_and_changes_nothing(client: openai.OpenAI) -> None:
+    """Predicted Outputs: the client sends the reply it expects (here: the reply itself, as when an edit keeps most
+    of a text); the tokens the model confirms are counted in ``completion_tokens_details``."""
+    question = [{"role": "user", "content": "Name three red fruits and say one thing about each."}]
+    plain = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=48)
+    expected = plain.choices[0].message.content
+    assert expected
+    predicted = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=48,
+                                               prediction={"type": "content", "content": expected})
+    assert predicted.choices[0].message.content == expected
+    details = predicted.usage.completion_tokens_details if predicted.usage else None
+    assert details is not None and predicted.usage is not None
+    assert (details.accepted_prediction_tokens or 0) >= predicted.usage.completion_tokens // 2, details
+    wrong = client.chat.completions.create(model=MODEL, messages=question, temperature=0, max_tokens=48,
+                                           prediction={"type": "content", "content": "Bananas are yellow. " * 20})
+    assert wrong.choices[0].message.content == expected  # a bad prediction costs speed, never changes the reply
+
+
 def test_chat_streaming_sends_the_same_text_in_chunks_with_usage(client: openai.OpenAI) -> None:
     whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32)
     stream = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=32, stream=True,
@@ -234,6 +252,10 @@ def test_chat_request_fields_map_to_brook() -> None:
     sampling = parsed.sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
         7, 0.0, 0.5, 3, ("END",))
+    assert sampling.prediction == ""
+    predicted = {"type": "content", "content": [{"type": "text", "text": "def f():"}, {"type": "text", "text": "  x"}]}
+    body = {"messages": [{"role": "user", "content": "Hi"}], "prediction": predicted}
+    assert parse_chat_request(body, default_model="m").sampling.prediction == "def f():\n  x"
 
 
 @pytest.mark.parametrize("field", [
@@ -241,7 +263,8 @@ def test_chat_request_fields_map_to_brook() -> None:
     {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-    {"max_tokens": "many"},
+    {"max_tokens": "many"}, {"prediction": "just text"}, {"prediction": {"type": "content", "content": 5}},
+    {"prediction": {"type": "other", "content": "x"}},
 ])
 def test_unsupported_chat_fields_are_400(field: dict[str, object]) -> None:
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], **field}

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.engine.prompt_lookup import propose_draft
+from app.engine.prompt_lookup import draft_from_prediction, propose_draft
 
 
 def test_the_continuation_of_the_latest_earlier_occurrence_is_proposed() -> None:
@@ -56,3 +56,18 @@ def test_a_draft_continues_the_latest_occurrence_of_the_longest_repeated_tail(
     best_n = matches[0][0]
     latest = max(i for n, i in matches if n == best_n)
     assert draft == tuple(tokens[latest + best_n : latest + best_n + max_tokens])
+
+
+def test_a_prediction_is_followed_from_where_the_reply_lines_up_with_it() -> None:
+    prediction = [10, 11, 12, 13, 14, 15, 11, 12, 16, 17]
+    assert draft_from_prediction([10], prediction, max_tokens=3) == (11, 12, 13)
+    assert draft_from_prediction([10, 11, 12, 13], prediction, max_tokens=3) == (14, 15, 11)
+    # "11 12" occurs twice: the occurrence nearest the reply's length (8 tokens so far) wins
+    assert draft_from_prediction([9, 9, 9, 9, 9, 9, 11, 12], prediction, max_tokens=2) == (16, 17)
+    assert draft_from_prediction([9, 11, 12], prediction, max_tokens=2) == (13, 14)
+    # the reply left the prediction: its last token alone still finds a place to continue from
+    assert draft_from_prediction([10, 11, 99, 15], prediction, max_tokens=2) == (11, 12)
+    assert draft_from_prediction([98, 99], prediction, max_tokens=4) == ()
+    assert draft_from_prediction([17], prediction, max_tokens=4) == ()  # nothing follows the prediction's end
+    assert draft_from_prediction([], prediction, max_tokens=4) == ()
+    assert draft_from_prediction([10], prediction, max_tokens=0) == ()

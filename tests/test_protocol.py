@@ -84,7 +84,10 @@ def test_chat_turn_with_sampling() -> None:
     sampling = message.sampling
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.top_k, sampling.seed) == (
         20, 0.0, 0.9, 40, 7)
-    assert sampling.stop == ("\n\n",)
+    assert sampling.stop == ("\n\n",) and sampling.prediction == ""
+    predicted = parse_chat_message(json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Fix it"}],
+                                               "prediction": "def f():\n    return 1\n"}))
+    assert isinstance(predicted, ChatTurn) and predicted.sampling.prediction == "def f():\n    return 1\n"
 
 
 def test_generate_and_controls() -> None:
@@ -109,6 +112,8 @@ def test_generate_and_controls() -> None:
     ({"type": "chat", "messages": [{"role": "user", "content": "x"}], "stop": [""]}, "stop must be a list"),
     ({"type": "generate", "prompt": ""}, "prompt must be a non-empty string"),
     ({"type": "generate", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
+    ({"type": "generate", "prompt": "x", "prediction": ["x"]}, "prediction must be a string"),
+    ({"type": "generate", "prompt": "x", "prediction": "x" * 65537}, "prediction has 65537 characters"),
     ({"type": "dance"}, "unknown message type 'dance' on /v1/chat"),
 ])
 def test_chat_bad_messages(payload: dict[str, object], fragment: str) -> None:

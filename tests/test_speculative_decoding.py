@@ -156,3 +156,25 @@ def test_drafts_are_on_by_default_and_off_while_many_requests_decode(model: Mode
         assert token_ids(together[0]) == token_ids(default[0])
 
     asyncio.run(scenario())
+
+
+def test_a_predicted_reply_is_drafted_from_and_never_changes_the_reply(model: Model) -> None:
+    """Predicted Outputs: a client that knows most of the reply (an edited file, a form letter) sends it along; the
+    reply lines up with it and is verified from it, several tokens per step. A wrong prediction changes nothing."""
+    prompt = ("Name three red fruits and say one thing about each.",)
+    params = SamplingParams(temperature=0.0, max_tokens=48)
+
+    async def scenario() -> None:
+        plain = (await replies(model, params, prompt, max_draft_tokens=0))[0]
+        lookup_only = (await replies(model, params, prompt, **DRAFTS))[0]
+        predicted_params = SamplingParams(temperature=0.0, max_tokens=48, prediction=plain.text)
+        predicted = (await replies(model, predicted_params, prompt, **DRAFTS))[0]
+        wrong_params = SamplingParams(temperature=0.0, max_tokens=48, prediction="Bananas are yellow. " * 20)
+        wrong = (await replies(model, wrong_params, prompt, **DRAFTS))[0]
+        for reply in (lookup_only, predicted, wrong):
+            assert token_ids(reply) == token_ids(plain)
+        accepted = predicted.done.timings.accepted_draft_tokens
+        assert accepted >= plain.done.usage.completion_tokens // 2, predicted.done.timings
+        assert accepted > lookup_only.done.timings.accepted_draft_tokens  # the prediction found what lookup could not
+
+    asyncio.run(scenario())

@@ -749,3 +749,17 @@ def test_sampled_tokens_must_continue_the_draft() -> None:
     slots.run(output)
     with pytest.raises(ValueError, match="do not continue the draft"):
         scheduler.update(output, {request.request_id: [draft[0] + 1, 5]})
+
+
+def test_a_request_with_a_prediction_drafts_from_it_before_looking_in_its_own_tokens() -> None:
+    scheduler, slots = make_scheduler(num_slots=2, max_draft_tokens=4)
+    request = make_request(4, max_output_tokens=100)
+    request.prediction_ids = (1000, 2000, 2001, 2002, 2003, 2004)
+    scheduler.add(request)
+    step(scheduler, slots, token=lambda r: 1000)  # prefill: the reply starts like the prediction
+    output = scheduler.schedule()
+    assert output.rows[0].draft == (2000, 2001, 2002, 2003)  # from the prediction; the prompt has no 1000
+    slots.run(output)
+    scheduler.update(output, {request.request_id: [2000, 2001, 7]})  # two confirmed, then the model went elsewhere
+    assert request.output_ids == [1000, 2000, 2001, 7] and request.accepted_draft_tokens == 2
+    check_slot_mirror(scheduler, slots)

@@ -9,8 +9,9 @@ Verifying a few tokens costs much less than running them one by one when a call 
 nearly free tokens; a wrong draft costs only its share of the call.
 
 This is the lookup of vLLM's and TGI's n-gram speculation and llama.cpp's ``lookup`` decoding: the longest
-``n`` first (from ``max_ngram`` down to ``min_ngram``), the most recent earlier occurrence. Pure and
-model-free.
+``n`` first (from ``max_ngram`` down to ``min_ngram``), the most recent earlier occurrence. A client can also say
+what it expects the reply to be (OpenAI's Predicted Outputs, for example a file with a small edit):
+``draft_from_prediction`` lines the reply so far up with that text. Pure and model-free.
 """
 
 from __future__ import annotations
@@ -43,4 +44,27 @@ def propose_draft(tokens: Sequence[int], *, max_tokens: int, max_ngram: int = 3,
         if matching.size:
             start = int(matching[-1]) + 1  # the latest occurrence: its continuation is the freshest guess
             return tuple(int(token) for token in ids[start : start + max_tokens])
+    return ()
+
+
+def draft_from_prediction(
+    output: Sequence[int], prediction: Sequence[int], *, max_tokens: int, max_ngram: int = 3
+) -> tuple[int, ...]:
+    """Up to ``max_tokens`` tokens of ``prediction`` (the reply a client expects) that follow where the reply so far
+    lines up with it: the last ``n`` output tokens (longest first, down to one) found in the prediction, at the
+    occurrence whose continuation starts nearest the reply's own length (an edited text mostly keeps its places).
+    Empty when the reply's tail is nowhere in the prediction, or when nothing of the prediction follows it."""
+    if max_tokens < 1 or not output or not prediction:
+        return ()
+    expected = np.asarray(prediction, dtype=np.int64)
+    for n in range(min(max_ngram, len(output)), 0, -1):
+        starts = np.flatnonzero(expected[: expected.size - n] == output[-n])  # a continuation must follow
+        for offset in range(1, n):
+            if starts.size == 0:
+                break
+            starts = starts[expected[starts + offset] == output[-n + offset]]
+        if starts.size:
+            ends = starts + n
+            end = int(ends[np.argmin(np.abs(ends - len(output)))])
+            return tuple(int(token) for token in expected[end : end + max_tokens])
     return ()

@@ -341,7 +341,10 @@ class TextEngine:
         params.validate(self.context_length, len(prompt_ids))
         max_tokens = params.effective_max_tokens(self.context_length, len(prompt_ids))
         request_id = f"gen-{next(self._request_numbers)}"
-        request = TextRequest(request_id, conversation, prompt_ids, max_output_tokens=max_tokens)
+        prediction = self._tokenizer.encode(params.prediction, allow_special=False) if params.prediction else []
+        request = TextRequest(
+            request_id, conversation, prompt_ids, max_output_tokens=max_tokens, prediction_ids=tuple(prediction)
+        )
         mailbox = GenerationMailbox()
         generation = Generation(request_id, mailbox, lambda: self._cancel(request_id))
         stream = _Stream(

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.engine.conversation import Conversation, common_prefix_length
-from app.engine.prompt_lookup import propose_draft
+from app.engine.prompt_lookup import draft_from_prediction, propose_draft
 from app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -100,6 +100,7 @@ class TextRequest:
     cached_tokens: int = 0  # prompt tokens reused from the conversation's slot at admission
     prefilled_tokens: int = 0  # prompt tokens run through the model
     max_output_tokens: int | None = None  # the request's token limit; drafts stay within it (None: no drafts)
+    prediction_ids: tuple[int, ...] = ()  # the reply the client expects (Predicted Outputs), drafted from first
     drafted_tokens: int = 0  # draft tokens run through the model (speculative decoding)
     accepted_draft_tokens: int = 0  # of those, the ones the model confirmed
 
@@ -436,11 +437,17 @@ class TextScheduler:
         )
 
     def _draft(self, request: TextRequest, budget: int) -> tuple[int, ...]:
-        """The draft of a decoding request's next row (prompt lookup over its prompt and output), at most ``budget``
-        tokens."""
+        """The draft of a decoding request's next row, at most ``budget`` tokens: from the client's prediction of
+        the reply if it has one that lines up, else by prompt lookup over its prompt and output."""
         room = min(self.config.max_draft_tokens, request.draft_room(), budget)
         if room < 1:
             return ()
+        if request.prediction_ids:
+            draft = draft_from_prediction(
+                request.output_ids, request.prediction_ids, max_tokens=room, max_ngram=self.config.draft_max_ngram
+            )
+            if draft:
+                return draft
         return propose_draft(
             request.token_range(0, request.num_tokens),
             max_tokens=room,

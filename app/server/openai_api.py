@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from app.engine.text_engine import TextEngine
-from app.engine.text_events import Generation, GenerationDone, TokenDelta, Usage
+from app.engine.text_events import Generation, GenerationDone, TokenDelta
 from app.errors import (
     ContextLengthError,
     EngineDeadError,
@@ -147,26 +147,36 @@ def _sampling(body: Mapping[str, Any]) -> SamplingFields:
         fields["max_tokens"] = body["max_completion_tokens"]
     if fields.get("stop") is None:
         fields.pop("stop", None)
+    fields["prediction"] = _prediction_text(body.get("prediction"))
     try:
         return parse_sampling(fields)
     except ProtocolError as exc:
         raise _bad_request(exc.message) from None
 
 
-def _message_text(content: Any, index: int) -> str:
+def _content_text(content: Any, name: str) -> str:
+    """A message's (or a prediction's) ``content``: a string, or a list of text parts joined by newlines."""
     if isinstance(content, str):
         return content
     if isinstance(content, list):
         texts = []
         for part_index, part in enumerate(content):
-            param = f"messages[{index}].content[{part_index}]"
+            param = f"{name}[{part_index}]"
             if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
                 kind = part.get("type") if isinstance(part, dict) else type(part).__name__
                 raise _bad_request(f"{param}: only text content parts are supported, got {kind!r}", param)
             texts.append(part["text"])
         return "\n".join(texts)
-    raise _bad_request(f"messages[{index}].content must be a string or a list of text parts, got {content!r}",
-                       f"messages[{index}].content")
+    raise _bad_request(f"{name} must be a string or a list of text parts, got {content!r}", name)
+
+
+def _prediction_text(raw: Any) -> str:
+    """OpenAI's Predicted Outputs: ``{"type": "content", "content": ...}``, the text the reply is expected to be."""
+    if raw is None:
+        return ""
+    if not isinstance(raw, dict) or raw.get("type") != "content":
+        raise _bad_request(f'prediction must be {{"type": "content", "content": ...}}, got {raw!r}', "prediction")
+    return _content_text(raw.get("content"), "prediction.content")
 
 
 def _messages(raw: Any) -> tuple[tuple[str, str], ...]:
@@ -184,7 +194,8 @@ def _messages(raw: Any) -> tuple[tuple[str, str], ...]:
             raise _bad_request(f"messages[{index}]: tool calls are not supported", f"messages[{index}].tool_calls",
                                "unsupported_parameter")
         content = message.get("content")
-        messages.append((ROLE_ALIASES[role], "" if content is None else _message_text(content, index)))
+        text = "" if content is None else _content_text(content, f"messages[{index}].content")
+        messages.append((ROLE_ALIASES[role], text))
     return tuple(messages)
 
 
@@ -234,10 +245,17 @@ def parse_completion_request(body: Mapping[str, Any], *, default_model: str) -> 
 
 # ---- response bodies (pure) -----------------------------------------------------------------------------------
 
-def usage_body(usage: Usage) -> dict[str, Any]:
+def usage_body(done: GenerationDone) -> dict[str, Any]:
+    """OpenAI's usage object. The prediction counts are Brook's speculative drafts (from the request's
+    ``prediction`` or from the conversation itself): confirmed tokens, and drafted tokens the model did not confirm
+    (unlike OpenAI's, those are not billed as completion tokens)."""
+    usage, timings = done.usage, done.timings
     return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
             "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
+            "completion_tokens_details": {
+                "accepted_prediction_tokens": timings.accepted_draft_tokens,
+                "rejected_prediction_tokens": timings.draft_tokens - timings.accepted_draft_tokens}}
 
 
 @dataclass(frozen=True)
@@ -272,7 +290,7 @@ class ReplyShape:
 
     def full(self, text: str, done: GenerationDone) -> dict[str, Any]:
         return {**self._envelope(False), "choices": [self._choice(text, finish_reason(done), streaming=False)],
-                "usage": usage_body(done.usage)}
+                "usage": usage_body(done)}
 
     def chunk(self, text: str | None, *, finish: str | None = None, role: bool = False,
               include_usage: bool = False) -> dict[str, Any]:
@@ -281,8 +299,8 @@ class ReplyShape:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, usage: Usage) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [], "usage": usage_body(usage)}
+    def usage_chunk(self, done: GenerationDone) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": usage_body(done)}
 
 
 def finish_reason(done: GenerationDone) -> str:
@@ -477,7 +495,7 @@ async def _stream(generation: Generation, shape: ReplyShape, include_usage: bool
                 final_text = None if shape.kind == "chat" else ""
                 yield sse(shape.chunk(final_text, finish=finish_reason(item), include_usage=include_usage))
                 if include_usage:
-                    yield sse(shape.usage_chunk(item.usage))
+                    yield sse(shape.usage_chunk(item))
     except EngineDeadError as exc:
         state.metrics.errors.labels(_endpoint(shape.kind), "engine_unavailable").inc()
         yield sse(_unavailable(state, str(exc), "engine_unavailable").body())

@@ -18,7 +18,10 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
         "max_tokens": fields.max_tokens,
     }
     params = SamplingParams(
-        **{k: v for k, v in values.items() if v is not None}, stop=fields.stop, ignore_eos=fields.ignore_eos
+        **{k: v for k, v in values.items() if v is not None},
+        stop=fields.stop,
+        ignore_eos=fields.ignore_eos,
+        prediction=fields.prediction,
     )
     return params
 

@@ -58,6 +58,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop sequences; the text stops before the first one and never shows it
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (the model's own too, unless ignore_eos)
     ignore_eos: bool = False  # keep generating past the model's end-of-turn tokens (benchmarks; as vLLM/llama.cpp)
+    prediction: str = ""  # the reply the client expects (Predicted Outputs): drafts for speculative decoding only
 
     def __post_init__(self) -> None:
         # Accept lists from callers (JSON arrays) but store tuples, so the params stay immutable and hashable.
@@ -100,6 +101,8 @@ class SamplingParams:
             _check_int(f"stop_token_ids[{index}]", token_id)
             if token_id < 0:
                 raise SamplingParamsError(f"stop_token_ids[{index}] should be >= 0, got {token_id}")
+        if not isinstance(self.prediction, str):
+            raise SamplingParamsError(f"prediction should be a string, got {self.prediction!r}")
         if prompt_tokens < 1:
             raise ContextLengthError(f"the prompt has {prompt_tokens} tokens; at least 1 is needed")
         if prompt_tokens >= context_length:
