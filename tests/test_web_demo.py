@@ -294,7 +294,8 @@ def test_model_output_html_is_shown_as_text_never_executed(brook_server: Running
                 ws.send(json.dumps({"type": "token", "text": piece}))
             ws.send(json.dumps({"type": "done", "finish_reason": "stop",
                                 "usage": {"prompt_tokens": 5, "completion_tokens": 4, "cached_tokens": 0},
-                                "timings": {"ttft_ms": 12.0, "tokens_per_s": 50.0}}))
+                                "timings": {"ttft_ms": 12.0, "tokens_per_s": 50.0, "draft_tokens": 5,
+                                            "accepted_draft_tokens": 3}}))
 
         ws.on_message(on_message)
         ws.send(json.dumps({"type": "ready", "session_id": "fake", "model": "smollm2-135m-instruct", "version": 1,
@@ -310,6 +311,7 @@ def test_model_output_html_is_shown_as_text_never_executed(brook_server: Running
     assert body.locator("strong").text_content() == "bold"
     assert body.locator("code").text_content() == "code"
     assert page.evaluate("window.__pwned") is None
+    assert "3 confirmed from drafts" in (page.text_content("#messages .message.assistant .meta") or "")
 
 
 def test_error_states_unauthorized_overloaded_and_unreachable_each_offer_retry(

@@ -590,6 +590,7 @@ function onDone(message) {
   if (ttft != null) parts.push(`TTFT ${Math.round(ttft)} ms`);
   if (rate != null) parts.push(`${rate.toFixed(1)} tok/s`);
   if (message.usage) parts.push(`${message.usage.completion_tokens} tokens`);
+  if (timings.accepted_draft_tokens) parts.push(`${timings.accepted_draft_tokens} confirmed from drafts`);
   if (message.finish_reason === "cancelled") parts.push("stopped");
   else if (message.finish_reason === "length") parts.push("cut at max tokens");
   meta.textContent = parts.join(" · ");
