@@ -15,6 +15,7 @@ import pytest
 from app.engine.text_engine import TextEngine
 from app.text.sampling import SamplingParams
 from tests.test_text_engine import (
+    INT8_VERSION,
     TWO_LEVEL_VERSION,
     Model,
     Reply,
@@ -178,3 +179,12 @@ def test_a_predicted_reply_is_drafted_from_and_never_changes_the_reply(model: Mo
         assert accepted > lookup_only.done.timings.accepted_draft_tokens  # the prediction found what lookup could not
 
     asyncio.run(scenario())
+
+
+def test_a_model_with_int8_activations_takes_no_drafts() -> None:
+    """Version 2 quantizes activations to int8: a row of several tokens rounds differently from one token at a time,
+    and int8 turns that into different replies, so its engine switches drafts off."""
+    int8 = _build_model(*load_llm(INT8_VERSION, accuracy_level=4))
+    assert not int8.runner.verifies_drafts_exactly
+    reply = asyncio.run(replies(int8, SamplingParams(temperature=0.0, max_tokens=40), REPEATING_PROMPTS[:1], **DRAFTS))
+    assert reply[0].done.timings.draft_tokens == 0

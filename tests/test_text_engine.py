@@ -277,7 +277,9 @@ def test_concurrent_greedy_requests_equal_the_same_requests_alone(any_model: Mod
 
     async def scenario() -> None:
         recorder = StepRecorder()
-        async with running_engine(model, observer=recorder, max_batch_size=8, prefill_chunk_tokens=64) as engine:
+        # Drafts off: alone, a reply verifies drafted tokens in rows of several tokens; here only batching changes.
+        settings = {"max_batch_size": 8, "prefill_chunk_tokens": 64, "max_draft_tokens": 0}
+        async with running_engine(model, observer=recorder, **settings) as engine:
             alone = [await chat_once(engine, prompt) for prompt in PROMPTS]
             recorder.steps.clear()
             together = await asyncio.gather(*(chat_once(engine, prompt) for prompt in PROMPTS))
@@ -344,7 +346,9 @@ def test_a_long_reply_is_unchanged_by_prompts_arriving_while_it_decodes(any_mode
     async def scenario() -> None:
         recorder = StepRecorder()
         runner = RecordingRunner(model.runner)
-        async with running_engine(model, runner=runner, observer=recorder, prefill_chunk_tokens=64) as engine:
+        # Drafts off: they would change the reply's rows (tokens per call), not only what shares its calls.
+        settings = {"prefill_chunk_tokens": 64, "max_draft_tokens": 0}
+        async with running_engine(model, runner=runner, observer=recorder, **settings) as engine:
             runner.clear()
             alone = await collect(engine.complete(prompt, story))
             assert runner.first_slot is not None

@@ -683,9 +683,9 @@ def test_confirmed_draft_tokens_are_kept_and_the_rest_are_cut_out_of_the_slot() 
     request = make_request(4, max_output_tokens=100)
     scheduler.add(request)
     output = _decode_until_drafting(scheduler, slots)
-    # output so far 1000 1001 1002 1000 1001: "1000 1001" occurred before, followed by "1002 1000 1001"
-    assert output.rows[0].token_ids == (1001, 1002, 1000, 1001) and output.rows[0].draft == (1002, 1000, 1001)
-    assert request.output_ids[-4:] == [1002, 1000, 1001, 1002]  # three confirmed drafts and the model's next token
+    # output so far 1000 1001 1002 1000 1001 1002: its last three tokens occurred before, followed by 1000 1001 1002
+    assert output.rows[0].token_ids == (1002, 1000, 1001, 1002) and output.rows[0].draft == (1000, 1001, 1002)
+    assert request.output_ids[-4:] == [1000, 1001, 1002, 1000]  # three confirmed drafts and the model's next token
     assert request.drafted_tokens == request.accepted_draft_tokens == 3
     check_slot_mirror(scheduler, slots)
 

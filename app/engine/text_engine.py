@@ -147,6 +147,10 @@ class TextEngine:
                 logger.warning("runner has %d KV slots, fewer than max_batch_size %d", capacity[0], num_slots)
             num_slots, max_seq_len = min(num_slots, capacity[0]), min(max_seq_len, capacity[1])
         self.context_length: int = min(int(model_config["context_length"]), max_seq_len)
+        max_draft_tokens = self.settings.max_draft_tokens
+        if max_draft_tokens and not getattr(runner, "verifies_drafts_exactly", True):
+            logger.info("speculative drafts off: this model's int8 activations would change replies verified in rows")
+            max_draft_tokens = 0
         self._scheduler = TextScheduler(
             runner,
             SchedulerConfig(
@@ -155,7 +159,7 @@ class TextEngine:
                 max_waiting=self.settings.max_waiting_requests,
                 min_shared_prefix=self.settings.min_shared_prefix,
                 cache_idle_s=self.settings.prefix_cache_idle_s,
-                max_draft_tokens=self.settings.max_draft_tokens,
+                max_draft_tokens=max_draft_tokens,
                 draft_max_decoding=self.settings.draft_max_decoding,
             ),
         )

@@ -147,8 +147,11 @@ class SchedulerConfig:
     cache_idle_s: float = 0.0  # a one-off request's cache unused this long is freed; 0: kept until its slot is needed
     max_draft_tokens: int = 0  # draft tokens per decode row (speculative decoding, prompt lookup); 0: off
     draft_max_decoding: int = 4  # drafts only in steps with at most this many decoding requests
-    draft_min_ngram: int = 2  # the shortest run of last tokens whose earlier occurrence proposes a draft
-    draft_max_ngram: int = 3  # the longest, tried first
+    # The shortest run of last tokens whose earlier occurrence proposes a draft, and the longest, tried first. Longer
+    # runs find the right place in repetitive text (code: 2.7x against 1.4x decode speed with runs of 3 at most),
+    # and runs of 2 drafted where new text was too often wrong (scripts/bench_drafts.py, docs/benchmarks.md).
+    draft_min_ngram: int = 3
+    draft_max_ngram: int = 5
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:

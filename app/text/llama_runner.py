@@ -196,6 +196,10 @@ class LlamaRunner:
         self.decode_graph_rows = int(config.get("decode_graph_rows", 0)) if config.get("decode_model_file") else 0
         self.split_decode_rows = 0 if int8_activations or self.decode_graph_rows else FP32_SPLIT_DECODE_ROWS
         self.min_packed_rows = 1  # 2 where one-row projections round differently (module docstring), probed below
+        # Speculative decoding verifies drafted tokens as one row of several tokens, whose attention takes another
+        # kernel path than one token at a time (module docstring): with fp32 activations the logits agree to float
+        # rounding, but int8 activations turn that into different tokens, so such runners must not take drafts.
+        self.verifies_drafts_exactly = not int8_activations
         self.cache = KVCache(
             KVCacheLayout(
                 self.n_layers,
