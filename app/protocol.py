@@ -216,7 +216,9 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
     ignore_eos = data.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise ProtocolError("bad_message", f"field ignore_eos must be true or false, got {ignore_eos!r}")
-    prediction = data.get("prediction") or ""
+    prediction = data.get("prediction")
+    if prediction is None:
+        prediction = ""
     if not isinstance(prediction, str):
         raise ProtocolError("bad_message", f"field prediction must be a string, got {prediction!r}")
     if len(prediction) > MAX_PREDICTION_CHARS:

@@ -11,8 +11,9 @@ from app.engine.prompt_lookup import draft_from_prediction, propose_draft
 def test_the_continuation_of_the_latest_earlier_occurrence_is_proposed() -> None:
     tokens = [5, 6, 7, 8, 9, 1, 6, 7, 3, 4, 2, 6, 7]
     # the last two tokens (6, 7) occurred twice before; the later occurrence is followed by 3, 4, 2, ...
-    assert propose_draft(tokens, max_tokens=3) == (3, 4, 2)
-    assert propose_draft(tokens, max_tokens=10) == (3, 4, 2, 6, 7)
+    assert propose_draft(tokens, max_tokens=3, min_ngram=2) == (3, 4, 2)
+    assert propose_draft(tokens, max_tokens=10, min_ngram=2) == (3, 4, 2, 6, 7)
+    assert propose_draft(tokens, max_tokens=3) == ()  # by default runs of 3 to 5 tokens: "2 6 7" is new
 
 
 def test_longer_ngrams_win_over_more_recent_shorter_ones() -> None:

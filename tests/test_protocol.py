@@ -113,6 +113,7 @@ def test_generate_and_controls() -> None:
     ({"type": "generate", "prompt": ""}, "prompt must be a non-empty string"),
     ({"type": "generate", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
     ({"type": "generate", "prompt": "x", "prediction": ["x"]}, "prediction must be a string"),
+    ({"type": "generate", "prompt": "x", "prediction": 0}, "prediction must be a string"),
     ({"type": "generate", "prompt": "x", "prediction": "x" * 65537}, "prediction has 65537 characters"),
     ({"type": "dance"}, "unknown message type 'dance' on /v1/chat"),
 ])

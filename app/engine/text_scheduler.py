@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.engine.conversation import Conversation, common_prefix_length
-from app.engine.prompt_lookup import draft_from_prediction, propose_draft
+from app.engine.prompt_lookup import DEFAULT_MAX_NGRAM, DEFAULT_MIN_NGRAM, draft_from_prediction, propose_draft
 from app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -147,11 +147,8 @@ class SchedulerConfig:
     cache_idle_s: float = 0.0  # a one-off request's cache unused this long is freed; 0: kept until its slot is needed
     max_draft_tokens: int = 0  # draft tokens per decode row (speculative decoding, prompt lookup); 0: off
     draft_max_decoding: int = 4  # drafts only in steps with at most this many decoding requests
-    # The shortest run of last tokens whose earlier occurrence proposes a draft, and the longest, tried first. Longer
-    # runs find the right place in repetitive text (code: 2.7x against 1.4x decode speed with runs of 3 at most),
-    # and runs of 2 drafted where new text was too often wrong (scripts/bench_drafts.py, docs/benchmarks.md).
-    draft_min_ngram: int = 3
-    draft_max_ngram: int = 5
+    draft_min_ngram: int = DEFAULT_MIN_NGRAM  # runs of last tokens looked up (app.engine.prompt_lookup)
+    draft_max_ngram: int = DEFAULT_MAX_NGRAM
 
     def __post_init__(self) -> None:
         if self.num_slots < 1:
