@@ -42,7 +42,8 @@ class Settings:
     chat_shared_prefix_min_tokens: int = 8  # a new chat copies a cached prompt prefix this long or longer (0: off)
     chat_prefix_cache_idle_s: float = 300.0  # a one-off request's cache unused this long frees its slot (0 = never)
     chat_draft_tokens: int = 10  # speculative decoding: prompt-lookup tokens verified per decode step (0 = off)
-    chat_draft_max_streams: int = 4  # drafts only while at most this many chat replies decode at once
+    chat_draft_max_streams: int = 4  # every reply drafts while at most this many chat replies decode at once
+    chat_draft_min_acceptance: float = 0.0  # with more, replies draft while this share of their drafts holds (0: off)
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level
@@ -56,6 +57,10 @@ class Settings:
         for name in ("chat_draft_tokens", "chat_draft_max_streams"):
             if getattr(self, name) < 0:
                 raise ValueError(f"BROOK_{name.upper()} must be at least 0, got {getattr(self, name)}")
+        if not 0 <= self.chat_draft_min_acceptance <= 1:
+            raise ValueError(
+                f"BROOK_CHAT_DRAFT_MIN_ACCEPTANCE must be within 0..1 (0: off), got {self.chat_draft_min_acceptance}"
+            )
         if self.speech_final_beam_size < 1:
             beam = self.speech_final_beam_size
             raise ValueError(f"BROOK_SPEECH_FINAL_BEAM_SIZE must be at least 1 (1: greedy), got {beam}")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import numpy as np
+import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from app.engine.prompt_lookup import draft_from_prediction, propose_draft
+from app.engine.prompt_lookup import TokenHistory, draft_from_prediction, propose_draft
 
 
 def test_the_continuation_of_the_latest_earlier_occurrence_is_proposed() -> None:
@@ -72,3 +74,16 @@ def test_a_prediction_is_followed_from_where_the_reply_lines_up_with_it() -> Non
     assert draft_from_prediction([17], prediction, max_tokens=4) == ()  # nothing follows the prediction's end
     assert draft_from_prediction([], prediction, max_tokens=4) == ()
     assert draft_from_prediction([10], prediction, max_tokens=0) == ()
+
+
+def test_token_history_converts_only_what_was_added_and_follows_a_cut() -> None:
+    history = TokenHistory()
+    assert len(history) == 0 and history.ids.tolist() == []
+    tokens = list(range(100))
+    assert history.sync(0, tokens[:10]).tolist() == tokens[:10]
+    assert history.sync(10, tokens[10:100]).tolist() == tokens  # grown past its first buffer
+    assert history.sync(50, [7, 8]).tolist() == [*tokens[:50], 7, 8]  # the end cut off, then new tokens
+    assert history.ids.dtype == np.int64 and len(history) == 52
+    assert propose_draft(history.sync(52, [*tokens[:4]]), max_tokens=3) == (4, 5, 6)
+    with pytest.raises(ValueError, match="length"):
+        history.sync(57, [])  # beyond the 56 tokens it holds

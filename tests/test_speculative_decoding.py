@@ -110,7 +110,8 @@ def test_a_stop_or_limit_inside_a_verified_draft_ends_the_reply_there_and_the_ne
     prompt = REPEATING_PROMPTS[0]
 
     async def two_turns(params: SamplingParams, **settings: Any) -> tuple[Reply, Reply, int, int]:
-        async with running_engine(model, **settings) as engine:
+        recorder = StepRecorder()
+        async with running_engine(model, observer=recorder, **settings) as engine:
             conversation = engine.open_conversation()
             first = await collect(engine.chat(conversation, [("user", prompt)], params))
             assert conversation.slot is not None
@@ -118,7 +119,11 @@ def test_a_stop_or_limit_inside_a_verified_draft_ends_the_reply_there_and_the_ne
             known = len(conversation.token_ids)
             second = await collect(engine.chat(conversation, [("user", "Now say it once more.")], params))
             engine.close_conversation(conversation)
-            return first, second, cached, known
+        # the metrics count what the replies kept: confirmed draft tokens that a stop cut off are not accepted
+        accepted = first.done.timings.accepted_draft_tokens + second.done.timings.accepted_draft_tokens
+        assert sum(a for _, a in recorder.drafts) == accepted
+        assert first.done.timings.accepted_draft_tokens < first.done.usage.completion_tokens
+        return first, second, cached, known
 
     async def scenario() -> None:
         full = (await replies(model, SamplingParams(temperature=0.0, max_tokens=60), (prompt,)))[0]
@@ -141,20 +146,35 @@ def test_a_stop_or_limit_inside_a_verified_draft_ends_the_reply_there_and_the_ne
     asyncio.run(scenario())
 
 
-def test_drafts_are_on_by_default_and_off_while_many_requests_decode(model: Model) -> None:
+def test_drafts_are_on_by_default_and_in_busy_steps_only_on_request_for_replies_whose_drafts_hold(model: Model) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=40)
+
+    async def together(**settings: Any) -> tuple[list[Reply], StepRecorder]:
+        recorder = StepRecorder()
+        async with running_engine(model, observer=recorder, **settings) as engine:
+            gathered = await asyncio.gather(*(_chat(engine, [("user", p)], params) for p in REPEATING_PROMPTS))
+        return list(gathered), recorder
+
+    def busy_steps_with_drafts(recorder: StepRecorder) -> int:
+        # two or three replies decoding (decode rows, no prompt) and more tokens than rows: drafts
+        return sum(1 for step in recorder.steps if step[1] == 0 and step[0] >= 2 and step[2] > step[0])
 
     async def scenario() -> None:
         default = await replies(model, params, REPEATING_PROMPTS[:1])
         assert default[0].done.timings.accepted_draft_tokens > 0  # TextEngineSettings (and the server) default on
         off = await replies(model, params, REPEATING_PROMPTS[:1], max_draft_tokens=0)
         assert off[0].done.timings.draft_tokens == 0 and token_ids(off[0]) == token_ids(default[0])
-        recorder = StepRecorder()
-        async with running_engine(model, observer=recorder, **DRAFTS) as engine:  # at most 2 decoding
-            together = await asyncio.gather(*(_chat(engine, [("user", p)], params) for p in REPEATING_PROMPTS))
-        # no step with three replies decoding carried a draft (each such step has three decode rows at least)
-        assert all(step[2] == step[0] for step in recorder.steps if step[1] == 0 and step[0] >= 3)
-        assert token_ids(together[0]) == token_ids(default[0])
+        plain, _ = await together(max_draft_tokens=0)
+        # Every reply drafts while one decodes; with more, by default none, and with a minimum acceptance the
+        # replies whose drafts (or free probes) have held.
+        busy = {"max_draft_tokens": 6, "draft_max_decoding": 1}
+        never, never_recorder = await together(**busy)
+        assert busy_steps_with_drafts(never_recorder) == 0
+        held, held_recorder = await together(busy_draft_min_acceptance=0.5, **busy)
+        assert busy_steps_with_drafts(held_recorder) > 0
+        for without, *with_drafts in zip(plain, never, held, strict=True):
+            assert all(token_ids(reply) == token_ids(without) for reply in with_drafts)
+        assert token_ids(plain[0]) == token_ids(default[0])
 
     asyncio.run(scenario())
 

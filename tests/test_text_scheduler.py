@@ -87,6 +87,7 @@ def make_scheduler(
     min_shared_prefix: int = 0,
     max_draft_tokens: int = 0,
     draft_max_decoding: int = 4,
+    busy_draft_min_acceptance: float = 0.0,
 ) -> tuple[TextScheduler, FakeSlots]:
     """A scheduler over a fake pool; prefix sharing between slots is off unless ``min_shared_prefix`` is set (the
     default prompts 1..n all share their starts)."""
@@ -98,6 +99,7 @@ def make_scheduler(
         min_shared_prefix,
         max_draft_tokens=max_draft_tokens,
         draft_max_decoding=draft_max_decoding,
+        busy_draft_min_acceptance=busy_draft_min_acceptance,
     )
     return TextScheduler(slots, config), slots
 
@@ -389,6 +391,8 @@ _operation = st.one_of(
     budget_extra=st.integers(0, 40),
     min_shared_prefix=st.sampled_from([0, 2]),
     max_draft_tokens=st.sampled_from([0, 3]),
+    draft_max_decoding=st.sampled_from([1, 4]),
+    busy_draft_min_acceptance=st.sampled_from([0.0, 0.5]),
     operations=st.lists(_operation, min_size=10, max_size=80),
 )
 def test_random_traffic_keeps_invariants(
@@ -396,6 +400,8 @@ def test_random_traffic_keeps_invariants(
     budget_extra: int,
     min_shared_prefix: int,
     max_draft_tokens: int,
+    draft_max_decoding: int,
+    busy_draft_min_acceptance: float,
     operations: list[tuple[str, int, int]],
 ) -> None:
     budget = num_slots + budget_extra
@@ -405,6 +411,8 @@ def test_random_traffic_keeps_invariants(
         max_waiting=8,
         min_shared_prefix=min_shared_prefix,
         max_draft_tokens=max_draft_tokens,
+        draft_max_decoding=draft_max_decoding,
+        busy_draft_min_acceptance=busy_draft_min_acceptance,
     )
     max_output = 40 if max_draft_tokens else None
     min_output = 12 if max_draft_tokens else 1  # tokens a request generates before it may finish
@@ -416,7 +424,9 @@ def test_random_traffic_keeps_invariants(
     last_request: dict[int, TextRequest] = {}
     ended: set[str] = set()
 
-    def check_step(output: SchedulerOutput, running_before: list[TextRequest]) -> None:
+    def check_step(
+        output: SchedulerOutput, running_before: list[TextRequest], acceptance_before: dict[str, float]
+    ) -> None:
         assert output.num_tokens <= budget
         requests = [row.request for row in output.rows]
         assert len(set(requests)) == len(requests)
@@ -430,14 +440,20 @@ def test_random_traffic_keeps_invariants(
                 assert len(row.token_ids) == 1 + len(row.draft)
                 assert row.token_ids[1:] == row.draft
             if row.draft:
-                assert decoding <= scheduler.config.draft_max_decoding and not row.is_prefill
+                assert not row.is_prefill
                 assert len(row.request.output_ids) + len(row.draft) < (max_output or 0)
+                if decoding > scheduler.config.draft_max_decoding:  # a busy step: only drafts that have held
+                    assert scheduler.config.busy_draft_min_acceptance > 0
+                    assert acceptance_before[row.request.request_id] >= scheduler.config.busy_draft_min_acceptance
+        if decoding > scheduler.config.draft_max_decoding:
+            assert output.draft_tokens <= scheduler.config.max_draft_tokens * scheduler.config.draft_max_decoding
         ended.update(r.request_id for r in output.aborted)
 
     def do_step(finishing: int) -> None:
         running_before = [r for r in scheduler.running() if r.request_id not in scheduler._pending_aborts]
+        acceptance_before = {r.request_id: r.draft_acceptance for r in scheduler.running()}
         output, grown = step(scheduler, slots, token=lambda r: truth(r, len(r.output_ids)), truth=truth)
-        check_step(output, running_before)
+        check_step(output, running_before, acceptance_before)
         check_slot_mirror(scheduler, slots)
         long_enough = [request for request in grown if len(request.output_ids) >= min_output]  # drafts need history
         for request in long_enough[:finishing]:
@@ -717,7 +733,7 @@ def test_drafts_stay_within_the_request_limit_the_budget_and_few_decoding_reques
         crowded.add(r)
     for _ in range(15):
         output, _ = step(crowded, crowded_slots, token=lambda r: _periodic(r, len(r.output_ids)), truth=_periodic)
-        assert not any(row.draft for row in output.rows)  # three requests decode: verifying would cost more
+        assert not any(row.draft for row in output.rows)  # three requests decode: by default busy steps never draft
 
     tight, tight_slots = make_scheduler(num_slots=2, budget=3, max_draft_tokens=8)
     tight.add(make_request(4, max_output_tokens=100))
@@ -725,14 +741,67 @@ def test_drafts_stay_within_the_request_limit_the_budget_and_few_decoding_reques
     assert len(output.rows[0].draft) == 2  # a step's budget of 3 tokens: the newest token and two drafted
 
 
+def _diverging(request: TextRequest, position: int) -> int:
+    """A 'model' whose text looks repetitive but never continues as it did before: 1000 1001 1002 comes back every
+    six tokens, each time followed by new tokens, so every draft prompt lookup proposes is wrong from its first
+    token."""
+    return 1000 + position % 3 if (position // 3) % 2 == 0 else 2000 + position
+
+
+def test_busy_steps_can_draft_for_requests_whose_drafts_have_held_and_probe_the_others() -> None:
+    for model, drafts_expected in ((_periodic, True), (_diverging, False)):
+        scheduler, slots = make_scheduler(
+            num_slots=4, max_draft_tokens=4, draft_max_decoding=2, busy_draft_min_acceptance=0.5
+        )
+        requests = [make_request(4, max_output_tokens=200) for _ in range(3)]
+        for r in requests:
+            scheduler.add(r)
+        first_draft_at: int | None = None
+        most_drafted = 0
+        for number in range(40):
+            acceptance = {r.request_id: r.draft_acceptance for r in requests}
+            output, _ = step(scheduler, slots, token=lambda r, m=model: m(r, len(r.output_ids)), truth=model)
+            # at most what a step at the limit carries (2 requests x 4 tokens), though three could draft 4 each
+            assert output.draft_tokens <= 8
+            most_drafted = max(most_drafted, output.draft_tokens)
+            for row in output.rows:
+                if row.draft:  # three requests decode: a busy step, so only requests whose drafts held draft
+                    assert acceptance[row.request.request_id] >= 0.5
+                    first_draft_at = number if first_draft_at is None else first_draft_at
+            check_slot_mirror(scheduler, slots)
+        if drafts_expected:
+            # The first lookups were probes (a new request has no record), whose first tokens were right.
+            assert first_draft_at is not None and first_draft_at > 1 and most_drafted == 8
+            assert all(r.accepted_draft_tokens > 0 and r.draft_acceptance > 0.5 for r in requests)
+        else:
+            # Every probe failed, so no draft ever ran, and the requests decoded one token per step.
+            assert first_draft_at is None and all(r.drafted_tokens == 0 for r in requests)
+            assert all(r.draft_acceptance == 0.0 and len(r.output_ids) == 40 for r in requests)
+
+    # In a quiet step every request drafts, whatever its record; its outcome still counts.
+    scheduler, slots = make_scheduler(
+        num_slots=4, max_draft_tokens=4, draft_max_decoding=2, busy_draft_min_acceptance=0.5
+    )
+    request = make_request(4, max_output_tokens=200)
+    scheduler.add(request)
+    for _ in range(20):
+        step(scheduler, slots, token=lambda r: _diverging(r, len(r.output_ids)), truth=_diverging)
+    assert request.drafted_tokens > 0 and request.accepted_draft_tokens == 0 and request.draft_acceptance < 0.5
+    for wrong in (float("nan"), -0.1, 1.5):
+        with pytest.raises(ValueError, match="busy_draft_min_acceptance"):
+            SchedulerConfig(2, 64, 16, busy_draft_min_acceptance=wrong)
+
+
 def test_a_stop_inside_confirmed_drafts_keeps_the_output_up_to_it() -> None:
     scheduler, slots = make_scheduler(num_slots=2, max_draft_tokens=3)
     request = make_request(4, max_output_tokens=100)
     scheduler.add(request)
-    _decode_until_drafting(scheduler, slots)
-    length = len(request.output_ids)
+    _decode_until_drafting(scheduler, slots)  # its last step confirmed 3 drafted tokens and sampled one more
+    length, accepted = len(request.output_ids), request.accepted_draft_tokens
+    assert request.last_confirmed == 3
     scheduler.finish(request, RequestStatus.FINISHED_STOPPED, output_length=length - 2)  # stopped two tokens back
     assert len(request.output_ids) == length - 2
+    assert request.accepted_draft_tokens == accepted - 1  # the sampled token and one confirmed draft token are cut
     assert request.num_computed == request.num_tokens - 1  # as after a plain step: the last token is not cached
     assert request.conversation.token_ids == request.computed_ids()
     check_slot_mirror(scheduler, slots)

@@ -42,7 +42,7 @@ from app.engine.text_scheduler import RequestStatus, SchedulerConfig, TextReques
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
-from app.text.llama_runner import StepInput
+from app.text.llama_runner import StepInput, logit_offsets
 from app.text.sampling import Sampler, SamplingParams, make_generator
 from app.text.stopping import StopChecker
 from app.text.tokenizer import TextTokenizer
@@ -77,11 +77,13 @@ class TextEngineSettings:
     min_shared_prefix: int = 8  # a conversation's first turn copies another slot's cached prefix this long; 0: never
     # A finished one-off request's slot (kept as a prefix cache) unused this long is freed; 0: kept until needed.
     prefix_cache_idle_s: float = 300.0
-    # Speculative decoding (prompt lookup, app.engine.prompt_lookup): draft tokens per decode row, 0 = off, and the
-    # most decoding requests a step may have for its rows to carry drafts (verifying pays off only in small calls;
-    # at 8 streams first turns decoded 25% slower with drafts, docs/benchmarks.md).
+    # Speculative decoding (prompt lookup, app.engine.prompt_lookup): draft tokens per decode row, 0 = off; the
+    # most decoding requests a step may have for every row to carry its draft; and, in busier steps, the share of a
+    # request's recent draft tokens the model must have confirmed for it to draft, 0 = none (each drafted token is
+    # one more row of a batched call every request waits for: replies of new text decode slower, docs/benchmarks.md).
     max_draft_tokens: int = 10
     draft_max_decoding: int = 4
+    busy_draft_min_acceptance: float = 0.0
     warmup: bool = True  # run one tiny prefill and decode at start()
 
     def __post_init__(self) -> None:
@@ -90,7 +92,12 @@ class TextEngineSettings:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"TextEngineSettings.{name} should be a positive integer, got {value!r}")
         for name in (
-            "max_waiting_requests", "min_shared_prefix", "prefix_cache_idle_s", "max_draft_tokens", "draft_max_decoding"
+            "max_waiting_requests",
+            "min_shared_prefix",
+            "prefix_cache_idle_s",
+            "max_draft_tokens",
+            "draft_max_decoding",
+            "busy_draft_min_acceptance",
         ):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"TextEngineSettings.{name} should be >= 0, got {getattr(self, name)}")
@@ -161,6 +168,7 @@ class TextEngine:
                 cache_idle_s=self.settings.prefix_cache_idle_s,
                 max_draft_tokens=max_draft_tokens,
                 draft_max_decoding=self.settings.draft_max_decoding,
+                busy_draft_min_acceptance=self.settings.busy_draft_min_acceptance,
             ),
         )
         self._sampler = Sampler()
@@ -347,7 +355,11 @@ class TextEngine:
         request_id = f"gen-{next(self._request_numbers)}"
         prediction = self._tokenizer.encode(params.prediction, allow_special=False) if params.prediction else []
         request = TextRequest(
-            request_id, conversation, prompt_ids, max_output_tokens=max_tokens, prediction_ids=tuple(prediction)
+            request_id,
+            conversation,
+            prompt_ids,
+            max_output_tokens=max_tokens,
+            prediction_ids=np.asarray(prediction, dtype=np.int64),
         )
         mailbox = GenerationMailbox()
         generation = Generation(request_id, mailbox, lambda: self._cancel(request_id))
@@ -432,10 +444,10 @@ class TextEngine:
                 self._step_in_flight = False
             finished = time.perf_counter()
             sampled = {stream.request.request_id: ids for stream, ids in zip(streams, sampled_ids, strict=True)}
-            accepted = 0
+            accepted = -sum(stream.request.accepted_draft_tokens for stream in streams)
             for request, count in self._scheduler.update(output, sampled):
-                accepted += count - 1
                 self._on_tokens(self._streams[request.request_id], request.output_ids[-count:], finished)
+            accepted += sum(stream.request.accepted_draft_tokens for stream in streams)  # after stops took theirs
             self._notify_observer(
                 "on_step", len(output.rows), output.prefill_tokens, output.decode_tokens, finished - started
             )
@@ -479,7 +491,7 @@ class TextEngine:
         logits = self._runner.step(inputs)
         if not sample_rows:
             return []
-        firsts = np.concatenate([[0], np.cumsum([row.logits for row in inputs])])[sample_rows]
+        firsts = logit_offsets(inputs)[sample_rows]
         first_ids = self._sampler.sample(logits[firsts], params, generators)
         sampled: list[list[int]] = []
         for k, draft in enumerate(drafts):

@@ -23,13 +23,18 @@ caches of one-off requests first) loses its slot. Only when every slot is held b
 A one-off request's cache that no request has taken over for ``cache_idle_s`` is freed at the next ``schedule``
 (the engine wakes itself for it: ``next_cache_expiry``), so memory returns to idle once stateless traffic stops.
 
-Speculative decoding (``max_draft_tokens`` > 0): when at most ``draft_max_decoding`` requests decode in a step,
-each decode row carries a draft after its newest token, the continuation of the latest earlier occurrence of the
-sequence's last few tokens (``app.engine.prompt_lookup``). The caller computes logits at every position of such a
-row, samples position by position while the sampled token equals the next drafted one, and reports all the tokens
-it sampled; ``update`` keeps the drafted tokens that were confirmed and cuts the rest out of the slot again. The
-caller's sampling consumes its random numbers exactly as without a draft, so the tokens are the same either way.
-A request's drafts never run past its ``max_output_tokens``.
+Speculative decoding (``max_draft_tokens`` > 0): a decode row can carry a draft after its newest token, the
+continuation of the latest earlier occurrence of the sequence's last few tokens (``app.engine.prompt_lookup``). The
+caller computes logits at every position of such a row, samples position by position while the sampled token
+equals the next drafted one, and reports all the tokens it sampled; ``update`` keeps the drafted tokens that were
+confirmed and cuts the rest out of the slot again. The caller's sampling consumes its random numbers exactly as
+without a draft, so the tokens are the same either way. A request's drafts never run past its
+``max_output_tokens``. While at most ``draft_max_decoding`` requests decode, every decode row with a draft carries
+it. In busier steps each drafted token is one more row of a big batched call that every request waits for, so by
+default nothing is drafted there; with ``busy_draft_min_acceptance`` > 0 the requests whose recent drafts were
+confirmed at least that often carry theirs, the others' drafts are checked for free against the token the model
+picks next (a *probe*, so a request that starts repeating text drafts again), and a busy step carries at most as
+many draft tokens as a step at the limit could (``max_draft_tokens`` × ``draft_max_decoding``).
 
 Aborts and slot releases are queued and applied at the start of the next ``schedule`` (or by ``apply_pending``
 when the caller knows no step is in flight), never in the middle of a step. No asyncio, no onnxruntime: the
@@ -47,7 +52,14 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from app.engine.conversation import Conversation, common_prefix_length
-from app.engine.prompt_lookup import DEFAULT_MAX_NGRAM, DEFAULT_MIN_NGRAM, draft_from_prediction, propose_draft
+from app.engine.prompt_lookup import (
+    DEFAULT_MAX_NGRAM,
+    DEFAULT_MIN_NGRAM,
+    TokenHistory,
+    TokenIds,
+    draft_from_prediction,
+    propose_draft,
+)
 from app.errors import OverloadedError
 
 logger = logging.getLogger(__name__)
@@ -100,9 +112,15 @@ class TextRequest:
     cached_tokens: int = 0  # prompt tokens reused from the conversation's slot at admission
     prefilled_tokens: int = 0  # prompt tokens run through the model
     max_output_tokens: int | None = None  # the request's token limit; drafts stay within it (None: no drafts)
-    prediction_ids: tuple[int, ...] = ()  # the reply the client expects (Predicted Outputs), drafted from first
+    prediction_ids: TokenIds = ()  # the reply the client expects (Predicted Outputs), drafted from first
     drafted_tokens: int = 0  # draft tokens run through the model (speculative decoding)
     accepted_draft_tokens: int = 0  # of those, the ones the model confirmed
+    # Moving average of the share of its draft tokens the model confirmed (probes count as one-token drafts): with
+    # ``SchedulerConfig.busy_draft_min_acceptance`` set, busy steps draft only for requests at or above it.
+    draft_acceptance: float = 0.0
+    probe_token: int | None = None  # the first token of a draft held back this step, checked against the next token
+    last_confirmed: int = 0  # draft tokens the last step confirmed (a stop among them takes them back off the count)
+    _history: TokenHistory = field(default_factory=TokenHistory, repr=False)
 
     @property
     def num_tokens(self) -> int:
@@ -130,6 +148,17 @@ class TextRequest:
         """The tokens in the slot."""
         return list(self.token_range(0, self.num_computed))
 
+    def history(self) -> TokenHistory:
+        """Prompt + output as an int64 array, grown by what was added since the last call (tokens are only ever
+        appended, or cut off the end by ``finish``)."""
+        kept = min(len(self._history), self.num_tokens)
+        self._history.sync(kept, self.token_range(kept, self.num_tokens))
+        return self._history
+
+    def record_draft(self, confirmed: int, drafted: int) -> None:
+        """Fold a draft's (or a probe's) outcome into ``draft_acceptance``: the latest outcome weighs half."""
+        self.draft_acceptance = (self.draft_acceptance + confirmed / drafted) / 2
+
     def draft_room(self) -> int:
         """How many draft tokens the next decode row may carry: each confirmed one is an output token, and the row
         samples one more after them."""
@@ -146,7 +175,9 @@ class SchedulerConfig:
     min_shared_prefix: int = 8  # a new slot copies another slot's cached prefix of at least this many tokens; 0: never
     cache_idle_s: float = 0.0  # a one-off request's cache unused this long is freed; 0: kept until its slot is needed
     max_draft_tokens: int = 0  # draft tokens per decode row (speculative decoding, prompt lookup); 0: off
-    draft_max_decoding: int = 4  # drafts only in steps with at most this many decoding requests
+    draft_max_decoding: int = 4  # every request drafts in steps with at most this many decoding requests
+    # In busier steps, only requests whose ``draft_acceptance`` is at least this draft; 0: none (the default).
+    busy_draft_min_acceptance: float = 0.0
     draft_min_ngram: int = DEFAULT_MIN_NGRAM  # runs of last tokens looked up (app.engine.prompt_lookup)
     draft_max_ngram: int = DEFAULT_MAX_NGRAM
 
@@ -166,6 +197,8 @@ class SchedulerConfig:
             raise ValueError(f"cache_idle_s should be >= 0, got {self.cache_idle_s}")
         if self.max_draft_tokens < 0 or self.draft_max_decoding < 0:
             raise ValueError("max_draft_tokens and draft_max_decoding should be >= 0")
+        if not 0 <= self.busy_draft_min_acceptance <= 1:  # rejects NaN too
+            raise ValueError(f"busy_draft_min_acceptance should be within 0..1, got {self.busy_draft_min_acceptance}")
         if not 1 <= self.draft_min_ngram <= self.draft_max_ngram:
             raise ValueError(
                 f"draft n-gram sizes should satisfy 1 <= min <= max, got {self.draft_min_ngram}, {self.draft_max_ngram}"
@@ -216,9 +249,7 @@ class SchedulerOutput:
 class TextScheduler:
     """Waiting and running queues, the per-step token budget, and the conversations' KV slots."""
 
-    def __init__(
-        self, slots: SlotPool, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic
-    ) -> None:
+    def __init__(self, slots: SlotPool, config: SchedulerConfig, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self._slots = slots
         self._clock = clock
@@ -338,6 +369,9 @@ class TextScheduler:
         if output_length is not None and output_length < len(request.output_ids):
             if output_length < 1:
                 raise ValueError(f"output_length should be >= 1, got {output_length}")
+            # The tokens cut are the end of the last step's: its own sampled token, then confirmed draft tokens.
+            cut = len(request.output_ids) - output_length
+            request.accepted_draft_tokens -= min(request.last_confirmed, cut - 1)
             del request.output_ids[output_length:]
             # As after a plain step: every output token but the last is cached.
             request.num_computed = min(request.num_computed, request.num_tokens - 1)
@@ -353,10 +387,12 @@ class TextScheduler:
         budget = self.config.token_budget
         # Decode rows first: a stream in progress never waits behind a prompt.
         decoding = [request for request in self._running if not request.is_prefilling]
-        drafting = 0 < len(decoding) <= self.config.draft_max_decoding and self.config.max_draft_tokens > 0
+        busy = len(decoding) > self.config.draft_max_decoding
         spare = budget - len(self._running)  # what drafts may take: every running request keeps a token
+        if busy:  # no more draft tokens than a step at the limit can carry: the others' step stays bounded
+            spare = min(spare, self.config.max_draft_tokens * self.config.draft_max_decoding)
         for request in decoding:
-            draft = self._draft(request, spare) if drafting else ()
+            draft = self._draft(request, spare, busy)
             rows.append(self._row(request, 1, draft))
             budget -= 1 + len(draft)
             spare -= len(draft)
@@ -398,8 +434,14 @@ class TextScheduler:
             if confirmed < len(row.draft):
                 request.num_computed -= len(row.draft) - confirmed
                 self._truncate_slot(request)
-            request.drafted_tokens += len(row.draft)
-            request.accepted_draft_tokens += confirmed
+            request.last_confirmed = confirmed
+            if row.draft:
+                request.drafted_tokens += len(row.draft)
+                request.accepted_draft_tokens += confirmed
+                request.record_draft(confirmed, len(row.draft))
+            elif request.probe_token is not None:
+                request.record_draft(int(new_ids[0] == request.probe_token), 1)
+            request.probe_token = None
             request.output_ids += new_ids
             grown.append((request, len(new_ids)))
         return grown
@@ -436,24 +478,30 @@ class TextScheduler:
             draft=draft,
         )
 
-    def _draft(self, request: TextRequest, budget: int) -> tuple[int, ...]:
+    def _draft(self, request: TextRequest, budget: int, busy: bool) -> tuple[int, ...]:
         """The draft of a decoding request's next row, at most ``budget`` tokens: from the client's prediction of
-        the reply if it has one that lines up, else by prompt lookup over its prompt and output."""
+        the reply if it has one that lines up, else by prompt lookup over its prompt and output. In a busy step a
+        request below ``busy_draft_min_acceptance`` keeps its draft's first token as a probe and drafts nothing."""
+        request.probe_token = None
         room = min(self.config.max_draft_tokens, request.draft_room(), budget)
-        if room < 1:
+        if room < 1 or (busy and not self.config.busy_draft_min_acceptance):
             return ()
-        if request.prediction_ids:
+        draft: tuple[int, ...] = ()
+        if len(request.prediction_ids):
             draft = draft_from_prediction(
                 request.output_ids, request.prediction_ids, max_tokens=room, max_ngram=self.config.draft_max_ngram
             )
-            if draft:
-                return draft
-        return propose_draft(
-            request.token_range(0, request.num_tokens),
-            max_tokens=room,
-            max_ngram=self.config.draft_max_ngram,
-            min_ngram=self.config.draft_min_ngram,
-        )
+        if not draft:
+            draft = propose_draft(
+                request.history().ids,
+                max_tokens=room,
+                max_ngram=self.config.draft_max_ngram,
+                min_ngram=self.config.draft_min_ngram,
+            )
+        if draft and busy and request.draft_acceptance < self.config.busy_draft_min_acceptance:
+            request.probe_token = draft[0]
+            return ()
+        return draft
 
     def _truncate_slot(self, request: TextRequest) -> None:
         """Make the slot hold exactly the request's computed tokens again (after unconfirmed or unused drafts)."""
@@ -574,8 +622,12 @@ class TextScheduler:
         for conversation_id, since in list(self._cache_since.items()):
             if since <= expired_before:
                 conversation = self._idle[conversation_id]
-                logger.debug("freeing slot %s: one-off cache %s unused for %.0f s", conversation.slot,
-                             conversation_id, self.config.cache_idle_s)
+                logger.debug(
+                    "freeing slot %s: one-off cache %s unused for %.0f s",
+                    conversation.slot,
+                    conversation_id,
+                    self.config.cache_idle_s,
+                )
                 self._drop_slot(conversation)
 
     def _drop_slot(self, conversation: Conversation) -> None:

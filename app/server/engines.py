@@ -112,6 +112,7 @@ def text_engine_settings(settings: Settings) -> TextEngineSettings:
         prefix_cache_idle_s=settings.chat_prefix_cache_idle_s,
         max_draft_tokens=settings.chat_draft_tokens,
         draft_max_decoding=settings.chat_draft_max_streams,
+        busy_draft_min_acceptance=settings.chat_draft_min_acceptance,
     )
 
 

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
+import numpy.typing as npt
 import onnxruntime as ort
 
 from app.ort_session import DEFAULT_ALLOW_SPINNING, create_session
@@ -76,6 +77,12 @@ class StepInput:
     slot: int
     token_ids: Sequence[int]
     logits: int = 1
+
+
+def logit_offsets(rows: Sequence[StepInput]) -> npt.NDArray[np.int64]:
+    """Where each row's logits start in ``LlamaRunner.step``'s result (rows follow each other, ``logits`` rows
+    each), and, last, the result's length."""
+    return np.concatenate([[0], np.cumsum([row.logits for row in rows], dtype=np.int64)]).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -365,8 +372,7 @@ class LlamaRunner:
                     CallPlan(slot, slot + 1, padded_chunk([self.max_chunk_tokens]), (0,)),
                 )
                 tokens[i] = tokens[i][self.max_chunk_tokens :]
-        counts = [row.logits for row in batch]
-        firsts = np.concatenate([[0], np.cumsum(counts)])  # each row's first logits row in the result
+        firsts = logit_offsets(batch)
         logits = np.empty((int(firsts[-1]), self.vocab_size), np.float32)
         n_new = [ids.size for ids in tokens]
         lengths = self.cache.lengths(0, self.cache.layout.max_batch_size)
@@ -374,7 +380,7 @@ class LlamaRunner:
         for plan in split_decode_calls(plans, n_new, slots, self.split_decode_rows):
             rows = list(plan.rows)
             targets = np.concatenate([np.arange(firsts[r], firsts[r + 1]) for r in rows])
-            logits[targets] = self._run(slots, tokens, rows, plan, [counts[r] for r in rows])
+            logits[targets] = self._run(slots, tokens, rows, plan, [batch[r].logits for r in rows])
         return logits
 
     def _run(
