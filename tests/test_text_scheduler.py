@@ -10,13 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from app.engine.conversation import Conversation, common_prefix_length
-from app.engine.text_scheduler import (
-    RequestStatus,
-    SchedulerConfig,
-    SchedulerOutput,
-    TextRequest,
-    TextScheduler,
-)
+from app.engine.text_request import RequestStatus, TextRequest
+from app.engine.text_scheduler import SchedulerConfig, SchedulerOutput, TextScheduler
 from app.errors import OverloadedError
 
 SAMPLED_TOKEN = 7

@@ -38,7 +38,8 @@ from app.engine.text_events import (
     Timings,
     Usage,
 )
-from app.engine.text_scheduler import RequestStatus, SchedulerConfig, TextRequest, TextScheduler
+from app.engine.text_request import RequestStatus, TextRequest
+from app.engine.text_scheduler import SchedulerConfig, TextScheduler
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
