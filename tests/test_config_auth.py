@@ -38,11 +38,19 @@ def test_final_beam_size_is_read_from_the_environment() -> None:
 
 def test_chat_draft_settings_reach_the_text_engine() -> None:
     assert text_engine_settings(Settings()) == TextEngineSettings()  # the server's defaults are the engine's
-    drafts = {"BROOK_CHAT_DRAFT_TOKENS": "6", "BROOK_CHAT_DRAFT_MAX_STREAMS": "1"}
+    drafts = {
+        "BROOK_CHAT_DRAFT_TOKENS": "6",
+        "BROOK_CHAT_DRAFT_MAX_STREAMS": "1",
+        "BROOK_CHAT_DRAFT_MIN_ACCEPTANCE": "0.5",
+    }
     engine = text_engine_settings(settings_from_env(drafts))
-    assert (engine.max_draft_tokens, engine.draft_max_decoding) == (6, 1)
+    assert (engine.max_draft_tokens, engine.draft_max_decoding, engine.busy_draft_min_acceptance) == (6, 1, 0.5)
+    assert TextEngineSettings().busy_draft_min_acceptance == 0.0  # no drafts in busy steps unless asked for
     with pytest.raises(ValueError, match="BROOK_CHAT_DRAFT_TOKENS must be at least 0"):
         settings_from_env({"BROOK_CHAT_DRAFT_TOKENS": "-1"})
+    for wrong in ("1.5", "-0.1", "nan"):
+        with pytest.raises(ValueError, match="BROOK_CHAT_DRAFT_MIN_ACCEPTANCE must be within 0..1"):
+            settings_from_env({"BROOK_CHAT_DRAFT_MIN_ACCEPTANCE": wrong})
 
 
 def test_speech_settings_reach_the_decode_policy() -> None:
