@@ -150,6 +150,9 @@ def _sampling_options(args: argparse.Namespace) -> SamplingOptions:
         top_k=args.top_k,
         seed=args.seed,
         stop=tuple(getattr(args, "stop", None) or ()),
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        repetition_penalty=args.repetition_penalty,
     )
 
 
@@ -208,6 +211,12 @@ def _add_sampling_arguments(parser: argparse.ArgumentParser, *, stop: bool) -> N
     parser.add_argument("--top-p", type=float, default=None, help="nucleus sampling mass in (0, 1]; default 0.9")
     parser.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = no limit)")
     parser.add_argument("--seed", type=int, default=None, help="seed for reproducible sampling")
+    parser.add_argument("--presence-penalty", type=float, default=0.0,
+                        help="[-2, 2]: lowered logit of every token the reply already used (default 0, off)")
+    parser.add_argument("--frequency-penalty", type=float, default=0.0,
+                        help="[-2, 2]: the same, per use (default 0, off)")
+    parser.add_argument("--repetition-penalty", type=float, default=1.0,
+                        help="(0, 10]: divides prompt and reply tokens' logits (default 1, off; 1.1-1.3 curbs loops)")
     if stop:
         parser.add_argument("--stop", action="append", default=None, metavar="TEXT",
                             help="stop before this text (repeatable; may span tokens)")

@@ -157,6 +157,9 @@ class SamplingFields:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     prediction: str = ""  # the reply the client expects; speeds up decoding where the reply matches it
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    repetition_penalty: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,9 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         stop=tuple(stop),
         ignore_eos=ignore_eos,
         prediction=prediction,
+        presence_penalty=_optional_number(data, "presence_penalty", float),
+        frequency_penalty=_optional_number(data, "frequency_penalty", float),
+        repetition_penalty=_optional_number(data, "repetition_penalty", float),
     )
 
 

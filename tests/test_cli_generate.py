@@ -128,8 +128,13 @@ def test_stop_sequence_ends_the_text_before_it(story_json: list[dict[str, Any]])
         (["--top-p", "0"], "top_p"),
         (["--top-p", "1.5"], "top_p"),
         (["--max-tokens", "0"], "max_tokens"),
+        (["--repetition-penalty", "0"], "repetition_penalty"),
+        (["--frequency-penalty", "3"], "frequency_penalty"),
     ],
-    ids=["negative-temperature", "top-p-zero", "top-p-above-one", "zero-max-tokens"],
+    ids=[
+        "negative-temperature", "top-p-zero", "top-p-above-one", "zero-max-tokens", "zero-repetition-penalty",
+        "frequency-penalty-above-two",
+    ],
 )
 def test_bad_sampling_parameters_fail_with_one_line(args: list[str], expected: str) -> None:
     result = run_brook("Hello", *args)

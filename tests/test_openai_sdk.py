@@ -151,6 +151,21 @@ def test_errors_surface_as_the_sdk_exception_types(client: openai.OpenAI) -> Non
     with pytest.raises(openai.BadRequestError) as bad_temperature:
         client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=-1)
     assert "temperature" in bad_temperature.value.message
+    with pytest.raises(openai.BadRequestError) as bad_penalty:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, frequency_penalty=2.5)
+    assert "frequency_penalty should be in [-2, 2]" in bad_penalty.value.message
+
+
+def test_penalties_are_honoured(client: openai.OpenAI) -> None:
+    """OpenAI's presence and frequency penalties, and vLLM's repetition_penalty (sent as an extra field)."""
+    count = [{"role": "user", "content": "Count from 1 to 30, separated by commas."}]
+    plain = client.chat.completions.create(model=MODEL, messages=count, temperature=0, max_tokens=40)
+    penalized = client.chat.completions.create(model=MODEL, messages=count, temperature=0, max_tokens=40,
+                                               frequency_penalty=1.0, presence_penalty=0.5)
+    repeated = client.chat.completions.create(model=MODEL, messages=count, temperature=0, max_tokens=40,
+                                              extra_body={"repetition_penalty": 1.5})
+    texts = [reply.choices[0].message.content or "" for reply in (plain, penalized, repeated)]
+    assert texts[0].count("\n") > texts[1].count("\n") and texts[0] != texts[2], texts
 
 
 def _metric(server: RunningServer, name: str, labels: str) -> float:
@@ -245,7 +260,8 @@ def test_chat_request_fields_map_to_brook() -> None:
             {"role": "assistant", "content": None}],
         "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": 3, "stop": "END",
         "stream": True, "stream_options": {"include_usage": True}, "n": 1, "user": "ignored", "logprobs": False,
-        "presence_penalty": 0, "response_format": {"type": "text"}, "tools": [],
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1,
+        "response_format": {"type": "text"}, "tools": [],
     }, default_model="x")
     assert parsed.messages == (("system", "Be brief."), ("user", "Hi\nthere"), ("assistant", ""))
     assert (parsed.model, parsed.version, parsed.stream, parsed.include_usage) == ("m", 1, True, True)
@@ -253,13 +269,14 @@ def test_chat_request_fields_map_to_brook() -> None:
     assert (sampling.max_tokens, sampling.temperature, sampling.top_p, sampling.seed, sampling.stop) == (
         7, 0.0, 0.5, 3, ("END",))
     assert sampling.prediction == ""
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -0.25, 1.1)
     predicted = {"type": "content", "content": [{"type": "text", "text": "def f():"}, {"type": "text", "text": "  x"}]}
     body = {"messages": [{"role": "user", "content": "Hi"}], "prediction": predicted}
     assert parse_chat_request(body, default_model="m").sampling.prediction == "def f():\n  x"
 
 
 @pytest.mark.parametrize("field", [
-    {"n": 3}, {"logprobs": True}, {"presence_penalty": 0.5}, {"logit_bias": {"1": 5}},
+    {"n": 3}, {"logprobs": True}, {"presence_penalty": "high"}, {"logit_bias": {"1": 5}},
     {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

@@ -88,6 +88,13 @@ def test_chat_turn_with_sampling() -> None:
     predicted = parse_chat_message(json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Fix it"}],
                                                "prediction": "def f():\n    return 1\n"}))
     assert isinstance(predicted, ChatTurn) and predicted.sampling.prediction == "def f():\n    return 1\n"
+    assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (None, None, None)
+    penalized = parse_chat_message(json.dumps({"type": "chat", "messages": [{"role": "user", "content": "Hi"}],
+                                               "presence_penalty": 0.5, "frequency_penalty": 1,
+                                               "repetition_penalty": 1.2}))
+    assert isinstance(penalized, ChatTurn)
+    assert (penalized.sampling.presence_penalty, penalized.sampling.frequency_penalty,
+            penalized.sampling.repetition_penalty) == (0.5, 1.0, 1.2)
 
 
 def test_generate_and_controls() -> None:
@@ -114,6 +121,8 @@ def test_generate_and_controls() -> None:
     ({"type": "generate", "prompt": "x", "ignore_eos": "yes"}, "ignore_eos must be true or false"),
     ({"type": "generate", "prompt": "x", "prediction": ["x"]}, "prediction must be a string"),
     ({"type": "generate", "prompt": "x", "prediction": 0}, "prediction must be a string"),
+    ({"type": "generate", "prompt": "x", "repetition_penalty": "strong"}, "repetition_penalty must be a number"),
+    ({"type": "generate", "prompt": "x", "presence_penalty": True}, "presence_penalty must be a number"),
     ({"type": "generate", "prompt": "x", "prediction": "x" * 65537}, "prediction has 65537 characters"),
     ({"type": "dance"}, "unknown message type 'dance' on /v1/chat"),
 ])

@@ -126,3 +126,26 @@ def test_ignore_eos_generates_exactly_max_tokens(brook_server: RunningServer) ->
             assert forced.done["usage"]["completion_tokens"] == 60
 
     asyncio.run(scenario())
+
+
+def test_repetition_penalties_over_the_socket(brook_server: RunningServer) -> None:
+    """A penalty changes a repetitive reply; one out of range is a bad_message naming it, and the socket stays."""
+
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            count = {"type": "generate", "prompt": "1, 2, 3, 4, 5,", "temperature": 0, "max_tokens": 24}
+            await ws.send(json.dumps(count))
+            plain = await read_reply(ws)
+            await ws.send(json.dumps({**count, "frequency_penalty": 2.0}))
+            penalized = await read_reply(ws)
+            assert penalized.text != plain.text and penalized.text.count(",") < plain.text.count(","), (
+                plain.text, penalized.text)
+            await ws.send(json.dumps({**count, "repetition_penalty": 0}))
+            error = json.loads(await ws.recv())
+            assert error["type"] == "error" and error["code"] == "bad_message"
+            assert "repetition_penalty should be in (0, 10]" in error["message"]
+            await ws.send(json.dumps(count))
+            assert (await read_reply(ws)).text == plain.text
+
+    asyncio.run(scenario())

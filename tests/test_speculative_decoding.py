@@ -208,3 +208,31 @@ def test_a_model_with_int8_activations_takes_no_drafts() -> None:
     assert not int8.runner.verifies_drafts_exactly
     reply = asyncio.run(replies(int8, SamplingParams(temperature=0.0, max_tokens=40), REPEATING_PROMPTS[:1], **DRAFTS))
     assert reply[0].done.timings.draft_tokens == 0
+
+
+def test_repetition_penalties_change_a_repetitive_reply_and_drafts_keep_it_the_same(model: Model) -> None:
+    """Penalties count every token sampled, confirmed drafts included, so drafts on and off give one reply."""
+    prompts = ("Count from 1 to 30, separated by commas.", "List the days of the week, twice.")  # replies repeat
+
+    async def scenario() -> None:
+        plain = await replies(model, SamplingParams(temperature=0.0, max_tokens=60), prompts, max_draft_tokens=0)
+        drafted = 0
+        for params in (
+            SamplingParams(temperature=0.0, max_tokens=60, frequency_penalty=0.3, presence_penalty=0.2),
+            SamplingParams(temperature=0.0, max_tokens=60, repetition_penalty=1.1),
+            SamplingParams(temperature=0.7, top_p=0.95, seed=7, max_tokens=60, repetition_penalty=1.05),
+        ):
+            without = await replies(model, params, prompts, max_draft_tokens=0)
+            with_drafts = await replies(model, params, prompts, **DRAFTS)
+            assert [token_ids(r) for r in with_drafts] == [token_ids(r) for r in without], params
+            drafted += sum(r.done.timings.draft_tokens for r in with_drafts)
+            if params.is_greedy:
+                # the penalized replies differ from the plain ones and repeat their most used token less
+                assert [token_ids(r) for r in without] != [token_ids(r) for r in plain], params
+                for penalized, reference in zip(without, plain, strict=True):
+                    ids, reference_ids = token_ids(penalized), token_ids(reference)
+                    top = max(set(reference_ids), key=reference_ids.count)
+                    assert ids.count(top) < reference_ids.count(top), (params, penalized.text, reference.text)
+        assert drafted > 0  # drafts were verified under penalties (penalized replies repeat less, so fewer drafts)
+
+    asyncio.run(scenario())

@@ -44,6 +44,7 @@ from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
 from app.text.llama_runner import StepInput, logit_offsets
+from app.text.penalties import TokenPenalties
 from app.text.sampling import Sampler, SamplingParams, make_generator
 from app.text.stopping import StopChecker
 from app.text.tokenizer import TextTokenizer
@@ -121,6 +122,7 @@ class _Stream:
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
     first_step_at: float | None = None
     first_token_at: float | None = None
+    penalties: TokenPenalties | None = None  # repetition penalties' state, used on the inference thread only
 
 
 def _runner_capacity(runner: object) -> tuple[int, int] | None:
@@ -370,6 +372,7 @@ class TextEngine:
             mailbox=mailbox,
             params=params,
             generator=make_generator(params.seed),
+            penalties=TokenPenalties.for_request(params, prompt_ids),
             detokenizer=IncrementalDetokenizer(self._tokenizer, skip_special=True),
             stop=StopChecker.for_request(
                 params, model_stop_token_ids=self._tokenizer.stop_token_ids, max_tokens=max_tokens
@@ -440,6 +443,7 @@ class TextEngine:
                     [output.rows[position].draft for position in sample_rows],
                     [stream.params for stream in streams],
                     [stream.generator for stream in streams],
+                    [stream.penalties for stream in streams],
                 )
             finally:
                 self._step_in_flight = False
@@ -481,25 +485,38 @@ class TextEngine:
         drafts: list[tuple[int, ...]],
         params: list[SamplingParams],
         generators: list[np.random.Generator],
+        penalties: list[TokenPenalties | None],
     ) -> list[list[int]]:
         """Runs in the executor: one ``runner.step`` over all the step's rows (the runner splits it into session
         calls if padding would be wasteful), then the new tokens of every row that samples (``sample_rows`` index
         ``inputs``; ``drafts`` and the rest are per sampling row).
 
         A row with a draft samples position after position while the token sampled equals the drafted one: the
-        tokens, and the random numbers drawn for them, are those of decoding one token per step.
+        tokens, the random numbers drawn for them and the repetition penalties' counts are those of decoding one token
+        per step.
         """
         logits = self._runner.step(inputs)
         if not sample_rows:
             return []
         firsts = logit_offsets(inputs)[sample_rows]
-        first_ids = self._sampler.sample(logits[firsts], params, generators)
+        first_rows = logits[firsts]  # a copy: penalties change it in place
+        for k, penalty in enumerate(penalties):
+            if penalty is not None:
+                first_rows[k] = penalty.apply(first_rows[k])
+        first_ids = self._sampler.sample(first_rows, params, generators)
         sampled: list[list[int]] = []
         for k, draft in enumerate(drafts):
             ids = [int(first_ids[k])]
+            penalty = penalties[k]
+            if penalty is not None:
+                penalty.add(ids[0])
             while len(ids) <= len(draft) and ids[-1] == draft[len(ids) - 1]:
-                row = logits[firsts[k] + len(ids)][None]
-                ids.append(int(self._sampler.sample(row, params[k : k + 1], generators[k : k + 1])[0]))
+                row = logits[firsts[k] + len(ids)]
+                if penalty is not None:
+                    row = penalty.apply(row)
+                ids.append(int(self._sampler.sample(row[None], params[k : k + 1], generators[k : k + 1])[0]))
+                if penalty is not None:
+                    penalty.add(ids[-1])
             sampled.append(ids)
         return sampled
 

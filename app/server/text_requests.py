@@ -15,7 +15,8 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
     """Wire sampling fields → engine params; unset fields keep the engine's defaults."""
     values: dict[str, Any] = {
         "temperature": fields.temperature, "top_p": fields.top_p, "top_k": fields.top_k, "seed": fields.seed,
-        "max_tokens": fields.max_tokens,
+        "max_tokens": fields.max_tokens, "presence_penalty": fields.presence_penalty,
+        "frequency_penalty": fields.frequency_penalty, "repetition_penalty": fields.repetition_penalty,
     }
     params = SamplingParams(
         **{k: v for k, v in values.items() if v is not None},

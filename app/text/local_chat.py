@@ -55,6 +55,9 @@ class SamplingOptions:
     top_k: int = 0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0
 
     def to_params(self) -> SamplingParams:
         """The engine's parameters; raises ``GenerateRequestError`` for an out-of-range value (before any model
@@ -66,6 +69,9 @@ class SamplingOptions:
             seed=self.seed,
             max_tokens=self.max_tokens,
             stop=self.stop,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            repetition_penalty=self.repetition_penalty,
         )
         try:
             params.validate(context_length=LOCAL_MAX_SEQ_LEN, prompt_tokens=1)

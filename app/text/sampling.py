@@ -36,6 +36,9 @@ LOG_WEIGHT_FLOOR = 80.0
 DRAW_BLOCK_TOKENS = 1024
 # Temperatures below this are treated as 0 (greedy): the limit of sampling as the temperature goes to 0.
 GREEDY_BELOW_TEMPERATURE = 1e-5
+# OpenAI's range for presence_penalty and frequency_penalty; repetition_penalty's is (0, MAX_REPETITION_PENALTY].
+MAX_ADDITIVE_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 10.0
 
 
 class SamplingParamsError(ValueError):
@@ -59,11 +62,19 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()  # extra token ids that end generation (the model's own too, unless ignore_eos)
     ignore_eos: bool = False  # keep generating past the model's end-of-turn tokens (benchmarks; as vLLM/llama.cpp)
     prediction: str = ""  # the reply the client expects (Predicted Outputs): drafts for speculative decoding only
+    presence_penalty: float = 0.0  # subtracted once from the logit of every token the reply has generated
+    frequency_penalty: float = 0.0  # subtracted per occurrence in the reply
+    repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and reply tokens
 
     def __post_init__(self) -> None:
         # Accept lists from callers (JSON arrays) but store tuples, so the params stay immutable and hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+
+    @property
+    def has_penalties(self) -> bool:
+        """Whether the repetition penalties change any logit (``app.text.penalties``)."""
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def is_greedy(self) -> bool:
@@ -101,6 +112,20 @@ class SamplingParams:
             _check_int(f"stop_token_ids[{index}]", token_id)
             if token_id < 0:
                 raise SamplingParamsError(f"stop_token_ids[{index}] should be >= 0, got {token_id}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _check_real(name, value)
+            if not -MAX_ADDITIVE_PENALTY <= value <= MAX_ADDITIVE_PENALTY:  # rejects NaN too
+                raise SamplingParamsError(
+                    f"{name} should be in [-{MAX_ADDITIVE_PENALTY:g}, {MAX_ADDITIVE_PENALTY:g}] (0 disables it), "
+                    f"got {value!r}"
+                )
+        _check_real("repetition_penalty", self.repetition_penalty)
+        if not 0.0 < self.repetition_penalty <= MAX_REPETITION_PENALTY:
+            raise SamplingParamsError(
+                f"repetition_penalty should be in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it), "
+                f"got {self.repetition_penalty!r}"
+            )
         if not isinstance(self.prediction, str):
             raise SamplingParamsError(f"prediction should be a string, got {self.prediction!r}")
         if prompt_tokens < 1:

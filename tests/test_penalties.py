@@ -1,0 +1,60 @@
+"""Repetition penalties (app/text/penalties.py) and their parameters: pure, no model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from app.text.penalties import TokenPenalties
+from app.text.sampling import SamplingParams, SamplingParamsError
+
+
+def test_no_penalty_means_no_state() -> None:
+    assert TokenPenalties.for_request(SamplingParams(), [1, 2, 3]) is None
+    assert not SamplingParams(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0).has_penalties
+
+
+def test_presence_and_frequency_count_only_generated_tokens() -> None:
+    params = SamplingParams(presence_penalty=0.5, frequency_penalty=0.25)
+    penalties = TokenPenalties.for_request(params, prompt_ids=[0, 1])
+    assert penalties is not None
+    row = np.array([1.0, 2.0, 3.0, 4.0, 5.0], dtype=np.float32)
+    assert np.array_equal(penalties.apply(row), row)  # nothing generated yet; the prompt does not count
+    for token in (3, 3, 4, 7):  # 7 lies outside this row: ignored
+        penalties.add(token)
+    expected = np.array([1.0, 2.0, 3.0, 4.0 - 0.5 - 2 * 0.25, 5.0 - 0.5 - 0.25], dtype=np.float32)
+    assert np.allclose(penalties.apply(row), expected)
+    assert row[3] == 4.0  # the caller's row is left alone
+    encouraging = TokenPenalties.for_request(SamplingParams(frequency_penalty=-1.0), [])
+    assert encouraging is not None
+    encouraging.add(0)
+    assert encouraging.apply(row)[0] == 2.0
+
+
+def test_repetition_penalty_covers_prompt_and_reply_and_respects_the_sign() -> None:
+    penalties = TokenPenalties.for_request(SamplingParams(repetition_penalty=2.0), prompt_ids=[0, 1])
+    assert penalties is not None
+    row = np.array([4.0, -4.0, 4.0, -4.0], dtype=np.float32)
+    assert penalties.apply(row).tolist() == [2.0, -8.0, 4.0, -4.0]  # positive halved, negative doubled
+    penalties.add(3)
+    assert penalties.apply(row).tolist() == [2.0, -8.0, 4.0, -8.0]
+    penalties.add(3)  # a second occurrence changes nothing for the multiplicative penalty
+    assert penalties.apply(row).tolist() == [2.0, -8.0, 4.0, -8.0]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "message"),
+    [
+        ("presence_penalty", 2.5, "presence_penalty should be in"),
+        ("frequency_penalty", -3.0, "frequency_penalty should be in"),
+        ("frequency_penalty", float("nan"), "frequency_penalty should be in"),
+        ("repetition_penalty", 0.0, "repetition_penalty should be in"),
+        ("repetition_penalty", 11.0, "repetition_penalty should be in"),
+        ("presence_penalty", True, "presence_penalty should be a number"),
+    ],
+)
+def test_out_of_range_penalties_are_refused_with_their_name(field: str, value: object, message: str) -> None:
+    params = SamplingParams(**{field: value})  # type: ignore[arg-type]
+    with pytest.raises(SamplingParamsError, match=message):
+        params.validate(context_length=100, prompt_tokens=5)
+    SamplingParams(presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=10.0).validate(100, 5)
