@@ -188,7 +188,7 @@ def _cmd_chat(args: argparse.Namespace) -> int:
         from app.client import chat_remote, with_query
 
         url = with_query(args.url, model=args.model, version=args.version)
-        asyncio.run(chat_remote(url, token=args.token, max_tokens=args.max_tokens, temperature=args.temperature))
+        asyncio.run(chat_remote(url, token=args.token, sampling=_sampling_options(args).to_wire()))
         return 0
     params = _sampling_options(args).to_params()
     loaded = local_chat.load_text_model(args.model_dir, args.model or local_chat.DEFAULT_TEXT_MODEL, args.version)

@@ -8,7 +8,7 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 from urllib.parse import urlencode
@@ -108,9 +108,10 @@ async def listen(url: str, source: Path | None, *, speed: float, token: str | No
     return finals
 
 
-async def chat_remote(url: str, *, token: str | None, max_tokens: int, temperature: float | None,
+async def chat_remote(url: str, *, token: str | None, sampling: Mapping[str, Any],
                       stdin: TextIO = sys.stdin, out: TextIO = sys.stdout) -> None:
-    """Interactive multi-turn chat with a server's /v1/chat; the server keeps the conversation."""
+    """Interactive multi-turn chat with a server's /v1/chat; the server keeps the conversation. ``sampling`` holds
+    the sampling fields sent with every turn (docs/protocol.md); the server checks their ranges."""
     async with connect(with_query(url, token=token)) as ws:
         ready = json.loads(await ws.recv())
         if ready.get("type") == "error":
@@ -126,10 +127,7 @@ async def chat_remote(url: str, *, token: str | None, max_tokens: int, temperatu
             if line == "/reset":
                 await ws.send(json.dumps({"type": "reset"}))
                 continue
-            request: dict[str, Any] = {"type": "chat", "messages": [{"role": "user", "content": line}],
-                                       "max_tokens": max_tokens}
-            if temperature is not None:
-                request["temperature"] = temperature
+            request: dict[str, Any] = {"type": "chat", "messages": [{"role": "user", "content": line}], **sampling}
             await ws.send(json.dumps(request))
             print("bot> ", end="", file=out, flush=True)
             async for raw in ws:

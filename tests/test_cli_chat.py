@@ -1,11 +1,14 @@
 """`brook chat`: an in-process multi-turn chat that reuses the conversation's KV cache, and `--url` delegation.
 
 The local chat runs the real CLI as a subprocess on SmolLM2 v1 with piped input (skips loudly, or fails in CI,
-when the model is not fetched). The remote case replaces ``app.client.chat_remote`` and runs ``main`` in-process.
+when the model is not fetched). The remote case: ``main`` in-process with ``app.client.chat_remote`` replaced (which
+options it passes on), and ``chat_remote`` against a real ``brook serve``.
 """
 
 from __future__ import annotations
 
+import asyncio
+import io
 import os
 import re
 import subprocess
@@ -16,8 +19,10 @@ from typing import Any
 import pytest
 
 from app import cli
+from app.client import chat_remote
 from app.repository import ModelRepository
 from tests.conftest import require_models
+from tests.server_process import RunningServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 MODEL = "smollm2-135m-instruct"
@@ -92,7 +97,24 @@ def test_url_delegates_to_the_remote_client(monkeypatch: pytest.MonkeyPatch) -> 
 
     monkeypatch.setattr("app.client.chat_remote", fake_chat_remote)
     code = cli.main(["chat", "--url", "ws://127.0.0.1:9/v1/chat", "--token", "k", "--max-tokens", "7",
-                     "--temperature", "0.5", "--model", "m", "--version", "2"])
+                     "--temperature", "0.5", "--model", "m", "--version", "2", "--top-k", "40",
+                     "--repetition-penalty", "1.2", "--seed", "0"])
     assert code == 0
-    assert calls == [("ws://127.0.0.1:9/v1/chat?model=m&version=2",
-                      {"token": "k", "max_tokens": 7, "temperature": 0.5})]
+    # every sampling option given is sent with each turn (the server checks the ranges); the others stay unset
+    sampling = {"max_tokens": 7, "temperature": 0.5, "top_k": 40, "seed": 0, "repetition_penalty": 1.2}
+    assert calls == [("ws://127.0.0.1:9/v1/chat?model=m&version=2", {"token": "k", "sampling": sampling})]
+
+
+def test_remote_chat_sends_its_sampling_options_to_a_real_server(brook_server: RunningServer) -> None:
+    """Two turns against ``brook serve``: the options reach the server (an out-of-range one comes back as its
+    error), and the second turn reuses the conversation's cache."""
+    out = io.StringIO()
+    asyncio.run(chat_remote(f"{brook_server.ws}/v1/chat", token=None,
+                            sampling={"max_tokens": 12, "temperature": 0, "repetition_penalty": 1.2},
+                            stdin=io.StringIO("What is the capital of France?\nAnd of Italy?\n\n"), out=out))
+    turns = re.findall(r"\[(stop|length); (\d+) tokens, (\d+) cached", out.getvalue())
+    assert len(turns) == 2 and int(turns[0][1]) <= 12 and int(turns[1][2]) > 0, out.getvalue()
+    refused = io.StringIO()
+    asyncio.run(chat_remote(f"{brook_server.ws}/v1/chat", token=None, sampling={"repetition_penalty": 0},
+                            stdin=io.StringIO("Hello\n\n"), out=refused))
+    assert "error bad_message: repetition_penalty should be in (0, 10]" in refused.getvalue()

@@ -59,6 +59,16 @@ class SamplingOptions:
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
 
+    def to_wire(self) -> dict[str, Any]:
+        """The fields of a /v1/chat message (docs/protocol.md) for the options that were given."""
+        defaults = SamplingOptions()
+        fields: dict[str, Any] = {"max_tokens": self.max_tokens}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name != "max_tokens" and value is not None and value != getattr(defaults, field.name):
+                fields[field.name] = list(value) if isinstance(value, tuple) else value
+        return fields
+
     def to_params(self) -> SamplingParams:
         """The engine's parameters; raises ``GenerateRequestError`` for an out-of-range value (before any model
         loads, so a typo fails fast)."""
