@@ -160,6 +160,7 @@ class SamplingFields:
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); the wire sends {"token id": bias}
 
 
 @dataclass(frozen=True)
@@ -239,7 +240,24 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         presence_penalty=_optional_number(data, "presence_penalty", float),
         frequency_penalty=_optional_number(data, "frequency_penalty", float),
         repetition_penalty=_optional_number(data, "repetition_penalty", float),
+        logit_bias=_logit_bias(data.get("logit_bias")),
     )
+
+
+def _logit_bias(raw: Any) -> tuple[tuple[int, float], ...]:
+    """``{"token id": bias}`` (JSON object keys are strings) as (id, bias) pairs; ranges are the engine's to check."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise ProtocolError("bad_message", f"field logit_bias must be an object of token id to number, got {raw!r}")
+    pairs = []
+    for key, value in raw.items():
+        is_number = isinstance(value, int | float) and not isinstance(value, bool)
+        if not (isinstance(key, str) and key.isdigit() and is_number):
+            raise ProtocolError("bad_message", f"field logit_bias must map token ids (digits) to numbers, got "
+                                f"{key!r}: {value!r}")
+        pairs.append((int(key), float(value)))
+    return tuple(pairs)
 
 
 def parse_messages(raw: Any) -> tuple[ChatMessage, ...]:

@@ -13,10 +13,13 @@ from typing import Any
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from app.engine.text_engine import TOKENIZER_FILE_NAME
 from app.repository import ModelRepository
 from app.server.openai_api import OpenAIError, parse_chat_request, parse_completion_request, parse_model
+from app.text.tokenizer import TextTokenizer
 from tests.conftest import ALL_MODELS, ARTIFACT_DIR, require_models
 from tests.server_process import RunningServer, run_server
+from tests.test_text_engine import load_llm
 
 openai = pytest.importorskip("openai", reason="the `openai` SDK is in the dev extra: pip install -e '.[dev]'")
 
@@ -168,6 +171,21 @@ def test_penalties_are_honoured(client: openai.OpenAI) -> None:
     assert texts[0].count("\n") > texts[1].count("\n") and texts[0] != texts[2], texts
 
 
+def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI) -> None:
+    directory, config = load_llm()
+    tokenizer = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config)
+    (banana,) = tokenizer.encode(" banana", allow_special=False)
+    forced = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=8,
+                                            logit_bias={str(banana): 100})
+    assert (forced.choices[0].message.content or "").count("banana") >= 4, forced.choices[0].message.content
+    with pytest.raises(openai.BadRequestError) as outside:
+        client.chat.completions.create(model=MODEL, messages=FRANCE, logit_bias={str(tokenizer.vocab_size): -100})
+    assert f"logit_bias token id {tokenizer.vocab_size} is outside the vocabulary" in outside.value.message
+    with pytest.raises(openai.BadRequestError) as too_big:
+        client.completions.create(model=MODEL, prompt="Hello", logit_bias={str(banana): 150})
+    assert "logit_bias" in too_big.value.message
+
+
 def _metric(server: RunningServer, name: str, labels: str) -> float:
     with urllib.request.urlopen(f"{server.http}/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -260,7 +278,7 @@ def test_chat_request_fields_map_to_brook() -> None:
             {"role": "assistant", "content": None}],
         "max_tokens": 5, "max_completion_tokens": 7, "temperature": 0, "top_p": 0.5, "seed": 3, "stop": "END",
         "stream": True, "stream_options": {"include_usage": True}, "n": 1, "user": "ignored", "logprobs": False,
-        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1,
+        "presence_penalty": 0.5, "frequency_penalty": -0.25, "repetition_penalty": 1.1, "logit_bias": {"15": -100},
         "response_format": {"type": "text"}, "tools": [],
     }, default_model="x")
     assert parsed.messages == (("system", "Be brief."), ("user", "Hi\nthere"), ("assistant", ""))
@@ -270,13 +288,14 @@ def test_chat_request_fields_map_to_brook() -> None:
         7, 0.0, 0.5, 3, ("END",))
     assert sampling.prediction == ""
     assert (sampling.presence_penalty, sampling.frequency_penalty, sampling.repetition_penalty) == (0.5, -0.25, 1.1)
+    assert sampling.logit_bias == ((15, -100.0),)
     predicted = {"type": "content", "content": [{"type": "text", "text": "def f():"}, {"type": "text", "text": "  x"}]}
     body = {"messages": [{"role": "user", "content": "Hi"}], "prediction": predicted}
     assert parse_chat_request(body, default_model="m").sampling.prediction == "def f():\n  x"
 
 
 @pytest.mark.parametrize("field", [
-    {"n": 3}, {"logprobs": True}, {"presence_penalty": "high"}, {"logit_bias": {"1": 5}},
+    {"n": 3}, {"logprobs": True}, {"presence_penalty": "high"}, {"logit_bias": {"one": 5}},
     {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

@@ -11,7 +11,7 @@ from app.text.sampling import SamplingParams, SamplingParamsError
 
 def test_no_penalty_means_no_state() -> None:
     assert TokenPenalties.for_request(SamplingParams(), [1, 2, 3]) is None
-    assert not SamplingParams(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0).has_penalties
+    assert not SamplingParams(presence_penalty=0.0, frequency_penalty=0.0, repetition_penalty=1.0).adjusts_logits
 
 
 def test_presence_and_frequency_count_only_generated_tokens() -> None:
@@ -29,6 +29,17 @@ def test_presence_and_frequency_count_only_generated_tokens() -> None:
     assert encouraging is not None
     encouraging.add(0)
     assert encouraging.apply(row)[0] == 2.0
+
+
+def test_logit_bias_adds_to_the_listed_tokens_and_counts_as_an_adjustment() -> None:
+    params = SamplingParams(logit_bias={1: -100.0, 3: 2.5, 99: 5.0})  # 99 lies outside this row: ignored
+    assert params.adjusts_logits and params.logit_bias == ((1, -100.0), (3, 2.5), (99, 5.0))
+    penalties = TokenPenalties.for_request(params, [])
+    assert penalties is not None
+    row = np.zeros(4, dtype=np.float32)
+    assert penalties.apply(row).tolist() == [0.0, -100.0, 0.0, 2.5]
+    penalties.add(3)  # generated tokens do not change a bias
+    assert penalties.apply(row).tolist() == [0.0, -100.0, 0.0, 2.5]
 
 
 def test_repetition_penalty_covers_prompt_and_reply_and_respects_the_sign() -> None:
@@ -51,6 +62,10 @@ def test_repetition_penalty_covers_prompt_and_reply_and_respects_the_sign() -> N
         ("repetition_penalty", 0.0, "repetition_penalty should be in"),
         ("repetition_penalty", 11.0, "repetition_penalty should be in"),
         ("presence_penalty", True, "presence_penalty should be a number"),
+        ("logit_bias", {5: 101.0}, r"logit_bias\[5\] should be in \[-100, 100\]"),
+        ("logit_bias", {-1: 1.0}, "logit_bias token ids should be >= 0"),
+        ("logit_bias", {5: float("nan")}, r"logit_bias\[5\] should be in"),
+        ("logit_bias", {token: 1.0 for token in range(1025)}, "logit_bias has 1025 tokens; at most 1024"),
     ],
 )
 def test_out_of_range_penalties_are_refused_with_their_name(field: str, value: object, message: str) -> None:

@@ -95,6 +95,8 @@ def test_chat_turn_with_sampling() -> None:
     assert isinstance(penalized, ChatTurn)
     assert (penalized.sampling.presence_penalty, penalized.sampling.frequency_penalty,
             penalized.sampling.repetition_penalty) == (0.5, 1.0, 1.2)
+    biased = parse_chat_message(json.dumps({"type": "generate", "prompt": "x", "logit_bias": {"42": -100, "7": 1.5}}))
+    assert biased.sampling.logit_bias == ((42, -100.0), (7, 1.5)) and penalized.sampling.logit_bias == ()
 
 
 def test_generate_and_controls() -> None:
@@ -123,6 +125,9 @@ def test_generate_and_controls() -> None:
     ({"type": "generate", "prompt": "x", "prediction": 0}, "prediction must be a string"),
     ({"type": "generate", "prompt": "x", "repetition_penalty": "strong"}, "repetition_penalty must be a number"),
     ({"type": "generate", "prompt": "x", "presence_penalty": True}, "presence_penalty must be a number"),
+    ({"type": "generate", "prompt": "x", "logit_bias": [1, 2]}, "logit_bias must be an object"),
+    ({"type": "generate", "prompt": "x", "logit_bias": {"hello": 1}}, "logit_bias must map token ids"),
+    ({"type": "generate", "prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias must map token ids"),
     ({"type": "generate", "prompt": "x", "prediction": "x" * 65537}, "prediction has 65537 characters"),
     ({"type": "dance"}, "unknown message type 'dance' on /v1/chat"),
 ])

@@ -45,7 +45,7 @@ from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
 from app.text.llama_runner import StepInput, logit_offsets
 from app.text.penalties import TokenPenalties
-from app.text.sampling import Sampler, SamplingParams, make_generator
+from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, make_generator
 from app.text.stopping import StopChecker
 from app.text.tokenizer import TextTokenizer
 
@@ -354,6 +354,11 @@ class TextEngine:
 
     def _submit(self, conversation: Conversation, prompt_ids: list[int], params: SamplingParams) -> Generation:
         params.validate(self.context_length, len(prompt_ids))
+        outside = [token for token, _ in params.logit_bias if token >= self._tokenizer.vocab_size]
+        if outside:
+            raise SamplingParamsError(
+                f"logit_bias token id {outside[0]} is outside the vocabulary ({self._tokenizer.vocab_size} tokens)"
+            )
         max_tokens = params.effective_max_tokens(self.context_length, len(prompt_ids))
         request_id = f"gen-{next(self._request_numbers)}"
         prediction = self._tokenizer.encode(params.prediction, allow_special=False) if params.prediction else []

@@ -120,7 +120,6 @@ def _check_common(body: Mapping[str, Any]) -> None:
     if n is not None and (isinstance(n, bool) or n != 1):
         raise _bad_request(f"only n=1 is supported (one choice per request); got n={n!r}. Send several requests "
                            "for several choices", "n", "unsupported_parameter")
-    _require_default(body, "logit_bias", lambda v: v == {}, "only an empty object")
 
 
 def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:

@@ -23,6 +23,7 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
         stop=fields.stop,
         ignore_eos=fields.ignore_eos,
         prediction=fields.prediction,
+        logit_bias=fields.logit_bias,
     )
     return params
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,6 +39,9 @@ GREEDY_BELOW_TEMPERATURE = 1e-5
 # OpenAI's range for presence_penalty and frequency_penalty; repetition_penalty's is (0, MAX_REPETITION_PENALTY].
 MAX_ADDITIVE_PENALTY = 2.0
 MAX_REPETITION_PENALTY = 10.0
+# OpenAI's logit_bias: a bias in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] per token id, for at most this many tokens.
+MAX_LOGIT_BIAS = 100.0
+MAX_LOGIT_BIAS_TOKENS = 1024
 
 
 class SamplingParamsError(ValueError):
@@ -65,16 +68,21 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from the logit of every token the reply has generated
     frequency_penalty: float = 0.0  # subtracted per occurrence in the reply
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and reply tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
 
     def __post_init__(self) -> None:
         # Accept lists from callers (JSON arrays) but store tuples, so the params stay immutable and hashable.
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+        bias = self.logit_bias.items() if isinstance(self.logit_bias, Mapping) else self.logit_bias
+        object.__setattr__(self, "logit_bias", tuple((token, value) for token, value in bias))
 
     @property
-    def has_penalties(self) -> bool:
-        """Whether the repetition penalties change any logit (``app.text.penalties``)."""
-        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
+    def adjusts_logits(self) -> bool:
+        """Whether the repetition penalties or the logit bias change any logit (``app.text.penalties``)."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
 
     @property
     def is_greedy(self) -> bool:
@@ -126,6 +134,17 @@ class SamplingParams:
                 f"repetition_penalty should be in (0, {MAX_REPETITION_PENALTY:g}] (1 disables it), "
                 f"got {self.repetition_penalty!r}"
             )
+        if len(self.logit_bias) > MAX_LOGIT_BIAS_TOKENS:
+            raise SamplingParamsError(f"logit_bias has {len(self.logit_bias)} tokens; at most {MAX_LOGIT_BIAS_TOKENS}")
+        for token_id, bias in self.logit_bias:
+            _check_int("logit_bias token id", token_id)
+            if token_id < 0:
+                raise SamplingParamsError(f"logit_bias token ids should be >= 0, got {token_id}")
+            _check_real(f"logit_bias[{token_id}]", bias)
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:  # rejects NaN too
+                raise SamplingParamsError(
+                    f"logit_bias[{token_id}] should be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
+                )
         if not isinstance(self.prediction, str):
             raise SamplingParamsError(f"prediction should be a string, got {self.prediction!r}")
         if prompt_tokens < 1:
