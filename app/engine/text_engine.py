@@ -43,6 +43,7 @@ from app.engine.text_scheduler import SchedulerConfig, TextScheduler
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
+from app.text.draft_sampling import sample_with_drafts
 from app.text.llama_runner import StepInput, logit_offsets
 from app.text.penalties import TokenPenalties
 from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, make_generator
@@ -496,34 +497,14 @@ class TextEngine:
         calls if padding would be wasteful), then the new tokens of every row that samples (``sample_rows`` index
         ``inputs``; ``drafts`` and the rest are per sampling row).
 
-        A row with a draft samples position after position while the token sampled equals the drafted one: the
-        tokens, the random numbers drawn for them and the repetition penalties' counts are those of decoding one token
-        per step.
+        A row with a draft samples position after position while the token sampled equals the drafted one
+        (``app.text.draft_sampling``): the tokens are those of decoding one token per step.
         """
         logits = self._runner.step(inputs)
         if not sample_rows:
             return []
         firsts = logit_offsets(inputs)[sample_rows]
-        first_rows = logits[firsts]  # a copy: penalties change it in place
-        for k, penalty in enumerate(penalties):
-            if penalty is not None:
-                first_rows[k] = penalty.apply(first_rows[k])
-        first_ids = self._sampler.sample(first_rows, params, generators)
-        sampled: list[list[int]] = []
-        for k, draft in enumerate(drafts):
-            ids = [int(first_ids[k])]
-            penalty = penalties[k]
-            if penalty is not None:
-                penalty.add(ids[0])
-            while len(ids) <= len(draft) and ids[-1] == draft[len(ids) - 1]:
-                row = logits[firsts[k] + len(ids)]
-                if penalty is not None:
-                    row = penalty.apply(row)
-                ids.append(int(self._sampler.sample(row[None], params[k : k + 1], generators[k : k + 1])[0]))
-                if penalty is not None:
-                    penalty.add(ids[-1])
-            sampled.append(ids)
-        return sampled
+        return sample_with_drafts(self._sampler, logits, firsts.tolist(), drafts, params, generators, penalties)
 
     def _on_tokens(self, stream: _Stream, token_ids: Sequence[int], now: float) -> None:
         """Detokenize and check the stop conditions of a step's new tokens; a stop drops the tokens after it."""
