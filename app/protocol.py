@@ -161,6 +161,7 @@ class SamplingFields:
     frequency_penalty: float | None = None
     repetition_penalty: float | None = None
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias); the wire sends {"token id": bias}
+    logprobs: int | None = None  # each token's log-probability with this many alternatives; None: none
 
 
 @dataclass(frozen=True)
@@ -241,6 +242,7 @@ def parse_sampling(data: Mapping[str, Any]) -> SamplingFields:
         frequency_penalty=_optional_number(data, "frequency_penalty", float),
         repetition_penalty=_optional_number(data, "repetition_penalty", float),
         logit_bias=_logit_bias(data.get("logit_bias")),
+        logprobs=_optional_number(data, "logprobs", int),
     )
 
 

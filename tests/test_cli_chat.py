@@ -107,11 +107,12 @@ def test_url_delegates_to_the_remote_client(monkeypatch: pytest.MonkeyPatch) -> 
 
 def test_remote_chat_sends_its_sampling_options_to_a_real_server(brook_server: RunningServer) -> None:
     """Two turns against ``brook serve``: the options reach the server (an out-of-range one comes back as its
-    error), and the second turn reuses the conversation's cache."""
+    error), and the second turn reuses the conversation's cache. (Its questions are its own: the server is shared,
+    and other tests count what another session's cache saves them.)"""
     out = io.StringIO()
     asyncio.run(chat_remote(f"{brook_server.ws}/v1/chat", token=None,
                             sampling={"max_tokens": 12, "temperature": 0, "repetition_penalty": 1.2},
-                            stdin=io.StringIO("What is the capital of France?\nAnd of Italy?\n\n"), out=out))
+                            stdin=io.StringIO("Name one red fruit.\nAnd a yellow one?\n\n"), out=out))
     turns = re.findall(r"\[(stop|length); (\d+) tokens, (\d+) cached", out.getvalue())
     assert len(turns) == 2 and int(turns[0][1]) <= 12 and int(turns[1][2]) > 0, out.getvalue()
     refused = io.StringIO()

@@ -25,10 +25,11 @@ def test_drafted_tokens_are_kept_while_the_samples_agree_then_one_more_is_sample
     sampled = sample_with_drafts(
         Sampler(), logits, [0, 1], [(), (2, 3, 5)], [GREEDY, GREEDY], [make_generator(0)] * 2, [None, None]
     )
-    assert sampled == [[1], [2, 3, 4]]  # 2 and 3 confirmed, 4 sampled where the draft said 5; 6 never looked at
+    # 2 and 3 confirmed, 4 sampled where the draft said 5; the last position is never looked at
+    assert [row.ids for row in sampled] == [[1], [2, 3, 4]]
     everything = sample_with_drafts(Sampler(), logits_favouring(2, 3, 5, 6), [0], [(2, 3, 5)], [GREEDY],
                                     [make_generator(0)], [None])
-    assert everything == [[2, 3, 5, 6]]  # the whole draft confirmed, and the position after it sampled
+    assert [row.ids for row in everything] == [[2, 3, 5, 6]]  # the whole draft confirmed, then one more sampled
 
 
 def test_penalties_count_the_confirmed_tokens_position_by_position() -> None:
@@ -40,7 +41,7 @@ def test_penalties_count_the_confirmed_tokens_position_by_position() -> None:
     sampled = sample_with_drafts(Sampler(), logits, [0], [(2, 2)], [params], [make_generator(0)], [penalties])
     # position 0: 2 (count 0); position 1: 2 at 0.4 (count 1) confirms the draft's first token; position 2: 2 at
     # -0.2 loses to 0, so the draft's second token is rejected and 0 is sampled
-    assert sampled == [[2, 2, 0]]
+    assert [row.ids for row in sampled] == [[2, 2, 0]]
     assert penalties is not None and penalties.apply(np.zeros(8, dtype=np.float32))[2] == np.float32(-1.2)
 
     # One token per step with the same penalties gives the same tokens.
@@ -49,8 +50,8 @@ def test_penalties_count_the_confirmed_tokens_position_by_position() -> None:
     for position in range(3):
         (ids,) = sample_with_drafts(Sampler(), logits[position : position + 1], [0], [()], [params],
                                     [make_generator(0)], [one_by_one])
-        tokens += ids
-    assert tokens == sampled[0]
+        tokens += ids.ids
+    assert tokens == sampled[0].ids
 
 
 def test_seeded_sampling_draws_the_same_numbers_with_a_draft() -> None:
@@ -60,8 +61,30 @@ def test_seeded_sampling_draws_the_same_numbers_with_a_draft() -> None:
     one_by_one, generator = [], make_generator(11)
     for position in range(6):
         one_by_one += sample_with_drafts(Sampler(), logits[position : position + 1], [0], [()], [params], [generator],
-                                         [None])[0]
+                                         [None])[0].ids
     # a draft equal to what one-by-one sampling picked is confirmed whole, with the same random numbers
     (drafted,) = sample_with_drafts(Sampler(), logits, [0], [tuple(one_by_one[:5])], [params], [make_generator(11)],
                                     [None])
-    assert drafted == one_by_one
+    assert drafted.ids == one_by_one
+
+
+def test_log_probabilities_are_the_log_softmax_of_the_adjusted_row_with_the_best_alternatives() -> None:
+    rng = np.random.default_rng(5)
+    logits = rng.normal(size=(3, 40)).astype(np.float32)
+    biased_first = logits[0].copy()
+    biased_first[7] += 3.0
+    draft = (int(np.argmax(biased_first)),)  # greedy confirms it, then samples the second position
+    params = SamplingParams(temperature=0.0, logprobs=4, logit_bias={7: 3.0})
+    penalties = TokenPenalties.for_request(params, [])
+    (tokens,) = sample_with_drafts(Sampler(), logits, [0], [draft], [params], [make_generator(0)], [penalties])
+    assert len(tokens.ids) == len(tokens.logprobs) == 2
+    for position, (token_id, item) in enumerate(zip(tokens.ids, tokens.logprobs, strict=True)):
+        adjusted = logits[position].astype(np.float64)
+        adjusted[7] += 3.0
+        expected = adjusted - np.log(np.exp(adjusted - adjusted.max()).sum()) - adjusted.max()
+        assert item.token_id == token_id and abs(item.logprob - expected[token_id]) < 1e-6
+        assert [i for i, _ in item.top] == np.argsort(-expected)[:4].tolist()
+        assert item.top[0][0] == token_id  # greedy picks the most likely token
+    without = sample_with_drafts(Sampler(), logits, [0], [draft], [SamplingParams(temperature=0.0)],
+                                 [make_generator(0)], [None])
+    assert without[0].logprobs == []

@@ -171,6 +171,34 @@ def test_penalties_are_honoured(client: openai.OpenAI) -> None:
     assert texts[0].count("\n") > texts[1].count("\n") and texts[0] != texts[2], texts
 
 
+def test_logprobs_name_each_token_with_its_alternatives_streamed_or_not(client: openai.OpenAI) -> None:
+    whole = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16,
+                                           logprobs=True, top_logprobs=3)
+    choice = whole.choices[0]
+    assert choice.logprobs is not None and choice.logprobs.content
+    entries = choice.logprobs.content
+    assert "".join(entry.token for entry in entries) == choice.message.content
+    assert whole.usage is not None and len(entries) <= whole.usage.completion_tokens
+    for entry in entries:
+        assert entry.logprob <= 0 and bytes(entry.bytes or []).decode("utf-8", errors="replace") == entry.token
+        alternatives = entry.top_logprobs
+        assert len(alternatives) == 3 and [a.logprob for a in alternatives] == sorted(
+            (a.logprob for a in alternatives), reverse=True)
+        # greedy: the chosen token is the most likely one
+        assert alternatives[0].token == entry.token and abs(alternatives[0].logprob - entry.logprob) < 1e-6
+    plain = client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16)
+    assert plain.choices[0].logprobs is None and plain.choices[0].message.content == choice.message.content
+    streamed = []
+    for chunk in client.chat.completions.create(model=MODEL, messages=FRANCE, temperature=0, max_tokens=16,
+                                                logprobs=True, stream=True):
+        if chunk.choices and chunk.choices[0].logprobs is not None:
+            streamed += chunk.choices[0].logprobs.content or []
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
+    assert all(e.top_logprobs == [] for e in streamed)  # top_logprobs defaults to 0
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model=MODEL, prompt="Hello", logprobs=2)  # legacy completions: not supported
+
+
 def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI) -> None:
     directory, config = load_llm()
     tokenizer = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config)
@@ -295,7 +323,8 @@ def test_chat_request_fields_map_to_brook() -> None:
 
 
 @pytest.mark.parametrize("field", [
-    {"n": 3}, {"logprobs": True}, {"presence_penalty": "high"}, {"logit_bias": {"one": 5}},
+    {"n": 3}, {"logprobs": "yes"}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
+    {"presence_penalty": "high"}, {"logit_bias": {"one": 5}},
     {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
     {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},

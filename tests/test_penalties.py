@@ -66,6 +66,8 @@ def test_repetition_penalty_covers_prompt_and_reply_and_respects_the_sign() -> N
         ("logit_bias", {-1: 1.0}, "logit_bias token ids should be >= 0"),
         ("logit_bias", {5: float("nan")}, r"logit_bias\[5\] should be in"),
         ("logit_bias", {token: 1.0 for token in range(1025)}, "logit_bias has 1025 tokens; at most 1024"),
+        ("logprobs", 21, r"top log-probabilities should be in \[0, 20\]"),
+        ("logprobs", -1, r"top log-probabilities should be in \[0, 20\]"),
     ],
 )
 def test_out_of_range_penalties_are_refused_with_their_name(field: str, value: object, message: str) -> None:

@@ -97,6 +97,8 @@ def test_chat_turn_with_sampling() -> None:
             penalized.sampling.repetition_penalty) == (0.5, 1.0, 1.2)
     biased = parse_chat_message(json.dumps({"type": "generate", "prompt": "x", "logit_bias": {"42": -100, "7": 1.5}}))
     assert biased.sampling.logit_bias == ((42, -100.0), (7, 1.5)) and penalized.sampling.logit_bias == ()
+    with_logprobs = parse_chat_message(json.dumps({"type": "generate", "prompt": "x", "logprobs": 3}))
+    assert with_logprobs.sampling.logprobs == 3 and biased.sampling.logprobs is None
 
 
 def test_generate_and_controls() -> None:
@@ -126,6 +128,7 @@ def test_generate_and_controls() -> None:
     ({"type": "generate", "prompt": "x", "repetition_penalty": "strong"}, "repetition_penalty must be a number"),
     ({"type": "generate", "prompt": "x", "presence_penalty": True}, "presence_penalty must be a number"),
     ({"type": "generate", "prompt": "x", "logit_bias": [1, 2]}, "logit_bias must be an object"),
+    ({"type": "generate", "prompt": "x", "logprobs": True}, "logprobs must be an integer"),
     ({"type": "generate", "prompt": "x", "logit_bias": {"hello": 1}}, "logit_bias must map token ids"),
     ({"type": "generate", "prompt": "x", "logit_bias": {"5": "up"}}, "logit_bias must map token ids"),
     ({"type": "generate", "prompt": "x", "prediction": "x" * 65537}, "prediction has 65537 characters"),

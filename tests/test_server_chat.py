@@ -19,8 +19,10 @@ def test_reply_streams_and_follow_up_reuses_the_cache(brook_server: RunningServe
             ready = json.loads(await ws.recv())
             assert ready["type"] == "ready" and ready["model"] == "smollm2-135m-instruct"
             assert ready["context_length"] >= 2048
+            # A question no other test asks: the server is shared, and a request's cache stays behind as a prefix
+            # cache that a later session with the same prompt would start from.
             await ws.send(json.dumps({"type": "chat", "messages": [
-                {"role": "user", "content": "What is the capital of France?"}], **GREEDY}))
+                {"role": "user", "content": "Which city is the capital of France?"}], **GREEDY}))
             first = await read_reply(ws)
             assert len(first.tokens) >= 3, "the reply streams as several token messages"
             assert "Paris" in first.text
@@ -147,5 +149,31 @@ def test_repetition_penalties_over_the_socket(brook_server: RunningServer) -> No
             assert "repetition_penalty should be in (0, 10]" in error["message"]
             await ws.send(json.dumps(count))
             assert (await read_reply(ws)).text == plain.text
+
+    asyncio.run(scenario())
+
+
+def test_token_events_carry_log_probabilities_when_asked(brook_server: RunningServer) -> None:
+    async def scenario() -> None:
+        async with connect(f"{brook_server.ws}/v1/chat") as ws:
+            await ws.recv()
+            await ws.send(json.dumps({"type": "generate", "prompt": "The capital of France is", "temperature": 0,
+                                      "max_tokens": 8, "logprobs": 2}))
+            events = []
+            while True:
+                message = json.loads(await ws.recv())
+                if message["type"] == "done":
+                    break
+                events.append(message)
+            entries = [entry for event in events for entry in event["logprobs"]]
+            assert "".join(event["text"] for event in events) == "".join(entry["token"] for entry in entries)
+            assert 0 < len(entries) <= message["usage"]["completion_tokens"]  # an end-of-turn token shows no text
+            for entry in entries:
+                assert set(entry) == {"id", "token", "logprob", "top"} and entry["logprob"] <= 0
+                assert len(entry["top"]) == 2 and entry["top"][0]["id"] == entry["id"]  # greedy: the best one
+            await ws.send(json.dumps({"type": "generate", "prompt": "The capital of France is", "temperature": 0,
+                                      "max_tokens": 8}))
+            plain = await read_reply(ws)
+            assert plain.text == "".join(event["text"] for event in events)
 
     asyncio.run(scenario())

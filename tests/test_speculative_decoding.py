@@ -236,3 +236,21 @@ def test_repetition_penalties_change_a_repetitive_reply_and_drafts_keep_it_the_s
         assert drafted > 0  # drafts were verified under penalties (penalized replies repeat less, so fewer drafts)
 
     asyncio.run(scenario())
+
+
+def test_log_probabilities_are_the_same_with_drafts(model: Model) -> None:
+    """A drafted token's log-probability comes from its own position of the verifying row: the same numbers as
+    decoding it alone, to float rounding."""
+    params = SamplingParams(temperature=0.0, max_tokens=40, logprobs=2)
+
+    async def scenario() -> None:
+        plain = await replies(model, params, REPEATING_PROMPTS[:1], max_draft_tokens=0)
+        drafted = await replies(model, params, REPEATING_PROMPTS[:1], **DRAFTS)
+        assert drafted[0].done.timings.accepted_draft_tokens > 0
+        without = [item for delta in plain[0].deltas for item in delta.logprobs]
+        with_drafts = [item for delta in drafted[0].deltas for item in delta.logprobs]
+        assert [item.token_id for item in with_drafts] == [item.token_id for item in without] == token_ids(plain[0])
+        for a, b in zip(with_drafts, without, strict=True):
+            assert abs(a.logprob - b.logprob) < 1e-3 and [i for i, _ in a.top] == [i for i, _ in b.top]
+
+    asyncio.run(scenario())

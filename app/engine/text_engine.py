@@ -43,10 +43,10 @@ from app.engine.text_scheduler import SchedulerConfig, TextScheduler
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
-from app.text.draft_sampling import sample_with_drafts
+from app.text.draft_sampling import SampledTokens, sample_with_drafts
 from app.text.llama_runner import StepInput, logit_offsets
 from app.text.penalties import TokenPenalties
-from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, make_generator
+from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, TokenLogprob, make_generator
 from app.text.stopping import StopChecker
 from app.text.tokenizer import TextTokenizer
 
@@ -121,6 +121,7 @@ class _Stream:
     submitted_at: float
     emitted: list[str] = field(default_factory=list)
     unsent_ids: list[int] = field(default_factory=list)  # tokens whose text is still held back
+    unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the request asked for them
     first_step_at: float | None = None
     first_token_at: float | None = None
     penalties: TokenPenalties | None = None  # repetition penalties' state, used on the inference thread only
@@ -353,6 +354,10 @@ class TextEngine:
         prompt_ids = self._tokenizer.encode(prompt, allow_special=True, add_special=add_special)
         return self._submit(Conversation(ephemeral=True), prompt_ids, params)
 
+    def token_bytes(self, token_id: int) -> bytes:
+        """The exact bytes a token of this model stands for (log-probabilities name their tokens with them)."""
+        return self._tokenizer.token_bytes(token_id)
+
     def _submit(self, conversation: Conversation, prompt_ids: list[int], params: SamplingParams) -> Generation:
         params.validate(self.context_length, len(prompt_ids))
         outside = [token for token, _ in params.logit_bias if token >= self._tokenizer.vocab_size]
@@ -441,7 +446,7 @@ class TextEngine:
                     stream.first_step_at = started
             self._step_in_flight = True
             try:
-                sampled_ids = await loop.run_in_executor(
+                sampled_rows = await loop.run_in_executor(
                     self._executor,
                     self._execute_step,
                     inputs,
@@ -454,10 +459,12 @@ class TextEngine:
             finally:
                 self._step_in_flight = False
             finished = time.perf_counter()
-            sampled = {stream.request.request_id: ids for stream, ids in zip(streams, sampled_ids, strict=True)}
+            sampled = {stream.request.request_id: row for stream, row in zip(streams, sampled_rows, strict=True)}
             accepted = -sum(stream.request.accepted_draft_tokens for stream in streams)
-            for request, count in self._scheduler.update(output, sampled):
-                self._on_tokens(self._streams[request.request_id], request.output_ids[-count:], finished)
+            grown = self._scheduler.update(output, {request_id: row.ids for request_id, row in sampled.items()})
+            for request, _ in grown:
+                new = sampled[request.request_id]
+                self._on_tokens(self._streams[request.request_id], new.ids, new.logprobs, finished)
             accepted += sum(stream.request.accepted_draft_tokens for stream in streams)  # after stops took theirs
             self._notify_observer(
                 "on_step", len(output.rows), output.prefill_tokens, output.decode_tokens, finished - started
@@ -492,7 +499,7 @@ class TextEngine:
         params: list[SamplingParams],
         generators: list[np.random.Generator],
         penalties: list[TokenPenalties | None],
-    ) -> list[list[int]]:
+    ) -> list[SampledTokens]:
         """Runs in the executor: one ``runner.step`` over all the step's rows (the runner splits it into session
         calls if padding would be wasteful), then the new tokens of every row that samples (``sample_rows`` index
         ``inputs``; ``drafts`` and the rest are per sampling row).
@@ -506,8 +513,11 @@ class TextEngine:
         firsts = logit_offsets(inputs)[sample_rows]
         return sample_with_drafts(self._sampler, logits, firsts.tolist(), drafts, params, generators, penalties)
 
-    def _on_tokens(self, stream: _Stream, token_ids: Sequence[int], now: float) -> None:
-        """Detokenize and check the stop conditions of a step's new tokens; a stop drops the tokens after it."""
+    def _on_tokens(
+        self, stream: _Stream, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], now: float
+    ) -> None:
+        """Detokenize and check the stop conditions of a step's new tokens (``logprobs``: theirs, or empty); a stop
+        drops the tokens after it."""
         request = stream.request
         if stream.first_token_at is None:
             stream.first_token_at = now
@@ -515,10 +525,13 @@ class TextEngine:
         for position, token in enumerate(token_ids):
             text, reason = stream.stop.update(token, stream.detokenizer.push(token))
             stream.unsent_ids.append(token)
+            if logprobs:
+                stream.unsent_logprobs.append(logprobs[position])
             if text:
-                stream.mailbox.put_delta(text, tuple(stream.unsent_ids))
+                stream.mailbox.put_delta(text, tuple(stream.unsent_ids), tuple(stream.unsent_logprobs))
                 stream.emitted.append(text)
                 stream.unsent_ids.clear()
+                stream.unsent_logprobs.clear()
             if reason is not None:
                 status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
                 unused = len(token_ids) - 1 - position

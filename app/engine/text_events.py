@@ -14,6 +14,8 @@ from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
+from app.text.sampling import TokenLogprob
+
 logger = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length", "cancelled"]
@@ -25,6 +27,7 @@ class TokenDelta:
 
     text: str
     token_ids: tuple[int, ...]
+    logprobs: tuple[TokenLogprob, ...] = ()  # one per token id when the request asked for them
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class GenerationMailbox:
     def __init__(self) -> None:
         self._texts: list[str] = []
         self._token_ids: list[int] = []
+        self._logprobs: list[TokenLogprob] = []
         self._done: GenerationDone | None = None
         self._error: BaseException | None = None
         self._ready = asyncio.Event()
@@ -83,11 +87,12 @@ class GenerationMailbox:
         """True once a ``GenerationDone`` or an error was put."""
         return self._done is not None or self._error is not None
 
-    def put_delta(self, text: str, token_ids: tuple[int, ...]) -> None:
+    def put_delta(self, text: str, token_ids: tuple[int, ...], logprobs: tuple[TokenLogprob, ...] = ()) -> None:
         if self.closed:
             raise RuntimeError("a delta was put after the generation ended")
         self._texts.append(text)
         self._token_ids.extend(token_ids)
+        self._logprobs.extend(logprobs)
         self._ready.set()
 
     def put_done(self, done: GenerationDone) -> None:
@@ -106,9 +111,10 @@ class GenerationMailbox:
     def take_nowait(self) -> GenerationEvent | None:
         """The merged pending delta, else the final event, else None. Raises the stream's error once drained."""
         if self._texts or self._token_ids:
-            delta = TokenDelta("".join(self._texts), tuple(self._token_ids))
+            delta = TokenDelta("".join(self._texts), tuple(self._token_ids), tuple(self._logprobs))
             self._texts.clear()
             self._token_ids.clear()
+            self._logprobs.clear()
             return delta
         if self._error is not None:
             raise self._error

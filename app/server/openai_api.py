@@ -14,7 +14,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,8 +37,8 @@ from app.server.auth import is_authorized, is_origin_allowed
 from app.server.pinned_versions import acquire_served
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
-from app.server.text_requests import record_generation, sampling_params
-from app.text.sampling import SamplingParamsError
+from app.server.text_requests import logprob_entries, record_generation, sampling_params
+from app.text.sampling import MAX_TOP_LOGPROBS, SamplingParamsError, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
@@ -203,16 +203,32 @@ def parse_chat_request(body: Mapping[str, Any], *, default_model: str) -> TextRe
     _require_default(body, "functions", lambda v: v == [], "no function calling")
     _require_default(body, "tool_choice", lambda v: v == "none", "only 'none'")
     _require_default(body, "function_call", lambda v: v == "none", "only 'none'")
-    _require_default(body, "logprobs", lambda v: v is False, "no log-probabilities")
-    _require_default(body, "top_logprobs", lambda v: v == 0, "no log-probabilities")
     _require_default(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
                      "only {'type': 'text'}")
     _require_default(body, "modalities", lambda v: v == ["text"], "text only")
     _require_default(body, "audio", lambda v: False, "text only")
     model, version = parse_model(body.get("model"), default_model)
     stream, include_usage = _stream_flags(body)
-    return TextRequest("chat", model, version, _sampling(body), stream, include_usage,
+    fields = dict(body)
+    fields["logprobs"] = _chat_logprobs(body)
+    fields.pop("top_logprobs", None)
+    return TextRequest("chat", model, version, _sampling(fields), stream, include_usage,
                        messages=_messages(body.get("messages")))
+
+
+def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
+    """OpenAI's `logprobs` (true/false) and `top_logprobs` (0-20, only with `logprobs`) as Brook's one number."""
+    wanted, top = body.get("logprobs"), body.get("top_logprobs")
+    if wanted is not None and not isinstance(wanted, bool):
+        raise _bad_request(f"logprobs must be true or false, got {wanted!r}", "logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
+        raise _bad_request(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}",
+                           "top_logprobs")
+    if not wanted:
+        if top:
+            raise _bad_request("top_logprobs needs logprobs: true", "top_logprobs")
+        return None
+    return top or 0
 
 
 def _prompt(raw: Any) -> str:
@@ -236,7 +252,8 @@ def parse_completion_request(body: Mapping[str, Any], *, default_model: str) -> 
         raise _bad_request(f"echo must be true or false, got {echo!r}", "echo")
     model, version = parse_model(body.get("model"), default_model)
     stream, include_usage = _stream_flags(body)
-    return TextRequest("completion", model, version, _sampling(body), stream, include_usage,
+    fields = {name: value for name, value in body.items() if name != "logprobs"}  # refused above unless 0
+    return TextRequest("completion", model, version, _sampling(fields), stream, include_usage,
                        prompt=_prompt(body.get("prompt")), echo=bool(echo))
 
 
@@ -264,6 +281,13 @@ class ReplyShape:
     created: int
     model: str
     fingerprint: str  # "name@version" of the model version that served the request
+    token_bytes: Callable[[int], bytes] | None = None  # names the tokens of log-probabilities
+
+    def logprobs(self, items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
+        """A chat choice's `logprobs`: null unless the request asked for them."""
+        if not items or self.token_bytes is None:
+            return None
+        return {"content": logprob_entries(items, self.token_bytes, openai=True), "refusal": None}
 
     def _envelope(self, streaming: bool) -> dict[str, Any]:
         if self.kind == "chat":
@@ -274,24 +298,25 @@ class ReplyShape:
                 "system_fingerprint": self.fingerprint}
 
     def _choice(self, text: str | None, finish_reason: str | None, *, streaming: bool,
-                role: bool = False) -> dict[str, Any]:
+                role: bool = False, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
         if self.kind == "completion":
             return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
         if streaming:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            return {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text, "refusal": None}
-        return {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
+        return {"index": 0, "message": message, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
 
-    def full(self, text: str, done: GenerationDone) -> dict[str, Any]:
-        return {**self._envelope(False), "choices": [self._choice(text, finish_reason(done), streaming=False)],
-                "usage": usage_body(done)}
+    def full(self, text: str, done: GenerationDone, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        choice = self._choice(text, finish_reason(done), streaming=False, logprobs=logprobs)
+        return {**self._envelope(False), "choices": [choice], "usage": usage_body(done)}
 
     def chunk(self, text: str | None, *, finish: str | None = None, role: bool = False,
-              include_usage: bool = False) -> dict[str, Any]:
-        body = {**self._envelope(True), "choices": [self._choice(text, finish, streaming=True, role=role)]}
+              include_usage: bool = False, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        choice = self._choice(text, finish, streaming=True, role=role, logprobs=logprobs)
+        body = {**self._envelope(True), "choices": [choice]}
         if include_usage:
             body["usage"] = None
         return body
@@ -426,7 +451,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     shape = ReplyShape(kind, prefix + uuid.uuid4().hex, int(time.time()), served.name,
-                       f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}")
+                       f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}", engine.token_bytes)
     headers = {"x-request-id": shape.id}
     echo = parsed.prompt if parsed.echo else ""
     if parsed.stream:
@@ -449,26 +474,28 @@ async def _answer(request: Request, generation: Generation, shape: ReplyShape, e
             logger.debug("%s: the client disconnected; cancelling its generation", shape.id)
             return Response(status_code=499)  # nobody reads it
         try:
-            text, done = collector.result()
+            text, done, logprobs = collector.result()
         except EngineDeadError as exc:
             error = _unavailable(state, str(exc), "engine_unavailable")
             state.metrics.errors.labels(_endpoint(shape.kind), "engine_unavailable").inc()
             return error.response()
         record_generation(state.metrics, served.name, served.version, done)
-        return JSONResponse(shape.full(echo + text, done), headers=headers)
+        return JSONResponse(shape.full(echo + text, done, logprobs), headers=headers)
     finally:
         for task in (collector, gone):
             task.cancel()
         await asyncio.gather(collector, gone, return_exceptions=True)
 
 
-async def _collect(generation: Generation) -> tuple[str, GenerationDone]:
+async def _collect(generation: Generation) -> tuple[str, GenerationDone, list[TokenLogprob]]:
     texts: list[str] = []
+    logprobs: list[TokenLogprob] = []
     async for item in generation:
         if isinstance(item, TokenDelta):
             texts.append(item.text)
+            logprobs.extend(item.logprobs)
         elif isinstance(item, GenerationDone):
-            return "".join(texts), item
+            return "".join(texts), item, logprobs
     raise EngineDeadError("the generation ended without a final event")
 
 
@@ -486,7 +513,7 @@ async def _stream(generation: Generation, shape: ReplyShape, include_usage: bool
         async for item in generation:
             if isinstance(item, TokenDelta):
                 if item.text:
-                    yield sse(shape.chunk(item.text, include_usage=include_usage))
+                    yield sse(shape.chunk(item.text, include_usage=include_usage, logprobs=item.logprobs))
             elif isinstance(item, GenerationDone):
                 record_generation(state.metrics, served.name, served.version, item)
                 final_text = None if shape.kind == "chat" else ""

@@ -1,14 +1,15 @@
 """What the text endpoints (`WS /v1/chat` and the OpenAI routes) share: wire sampling fields to engine parameters,
-and the metrics of a finished generation."""
+token log-probabilities to wire objects, and the metrics of a finished generation."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from app.engine.text_events import GenerationDone
 from app.protocol import SamplingFields
 from app.server.metrics import Metrics
-from app.text.sampling import SamplingParams
+from app.text.sampling import SamplingParams, TokenLogprob
 
 
 def sampling_params(fields: SamplingFields) -> SamplingParams:
@@ -24,6 +25,7 @@ def sampling_params(fields: SamplingFields) -> SamplingParams:
         ignore_eos=fields.ignore_eos,
         prediction=fields.prediction,
         logit_bias=fields.logit_bias,
+        logprobs=fields.logprobs,
     )
     return params
 
@@ -34,3 +36,23 @@ def record_generation(metrics: Metrics, model: str, version: int, done: Generati
     metrics.tokens_out.labels(*labels).inc(done.usage.completion_tokens)
     metrics.prompt_tokens.labels(*labels, "cached").inc(done.usage.cached_tokens)
     metrics.prompt_tokens.labels(*labels, "prefilled").inc(done.usage.prompt_tokens - done.usage.cached_tokens)
+
+
+def logprob_entries(
+    logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes], *, openai: bool
+) -> list[dict[str, Any]]:
+    """Token log-probabilities as wire objects: OpenAI's ``{"token", "logprob", "bytes", "top_logprobs"}``, or
+    Brook's ``{"id", "token", "logprob", "top": [{"id", "token", "logprob"}]}`` (docs/protocol.md)."""
+
+    def entry(token_id: int, logprob: float) -> dict[str, Any]:
+        raw = token_bytes(token_id)
+        text = raw.decode("utf-8", errors="replace")
+        if openai:
+            return {"token": text, "logprob": logprob, "bytes": list(raw)}
+        return {"id": token_id, "token": text, "logprob": logprob}
+
+    entries = []
+    for item in logprobs:
+        top = [entry(token_id, logprob) for token_id, logprob in item.top]
+        entries.append({**entry(item.token_id, item.logprob), ("top_logprobs" if openai else "top"): top})
+    return entries

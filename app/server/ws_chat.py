@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +27,7 @@ from app.protocol import (
 )
 from app.server.pinned_versions import acquire_served
 from app.server.state import ServerState
-from app.server.text_requests import record_generation, sampling_params
+from app.server.text_requests import logprob_entries, record_generation, sampling_params
 from app.server.ws_session import (
     Connection,
     close_normally,
@@ -77,7 +78,7 @@ async def _session(connection: Connection) -> None:
             "context_length": engine.context_length,
         })
         await run_reader_writer(_read(connection, engine, conversation, session),
-                                _write(connection, session, served.name, served.version))
+                                _write(connection, session, served.name, served.version, engine.token_bytes))
     finally:
         engine.close_conversation(conversation)
         state.metrics.sessions.labels(*labels).dec()
@@ -127,7 +128,9 @@ def _control(message: ChatControl, engine: TextEngine, conversation: Any, sessio
         engine.reset(conversation)
 
 
-async def _write(connection: Connection, session: ChatSessionState, model: str, version: int) -> None:
+async def _write(
+    connection: Connection, session: ChatSessionState, model: str, version: int, token_bytes: Callable[[int], bytes]
+) -> None:
     metrics = connection.state.metrics
     while True:
         generation = await _next_reply_unless_stopped(session)
@@ -138,7 +141,10 @@ async def _write(connection: Connection, session: ChatSessionState, model: str, 
             async for item in generation:
                 if isinstance(item, TokenDelta):
                     if item.text:
-                        await connection.send({"type": "token", "text": item.text})
+                        event: dict[str, Any] = {"type": "token", "text": item.text}
+                        if item.logprobs:
+                            event["logprobs"] = logprob_entries(item.logprobs, token_bytes, openai=False)
+                        await connection.send(event)
                 elif isinstance(item, GenerationDone):
                     record_generation(metrics, model, version, item)
                     await connection.send(done_message(item))

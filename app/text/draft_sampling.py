@@ -9,12 +9,27 @@ numbers drawn and the penalty counts are exactly those of decoding one token per
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import numpy.typing as npt
 
 from app.text.penalties import TokenPenalties
-from app.text.sampling import Sampler, SamplingParams
+from app.text.sampling import Sampler, SamplingParams, TokenLogprob
+
+
+@dataclass
+class SampledTokens:
+    """A row's new tokens: confirmed drafted tokens, then one sampled token; with their log-probabilities when the
+    request asked for them (``SamplingParams.logprobs``), else none."""
+
+    ids: list[int] = field(default_factory=list)
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+
+    def append(self, token_id: int, row: npt.NDArray[np.floating], params: SamplingParams) -> None:
+        self.ids.append(token_id)
+        if params.logprobs is not None:
+            self.logprobs.append(TokenLogprob.from_logits(row, token_id, params.logprobs))
 
 
 def sample_with_drafts(
@@ -25,26 +40,28 @@ def sample_with_drafts(
     params: Sequence[SamplingParams],
     generators: Sequence[np.random.Generator],
     penalties: Sequence[TokenPenalties | None],
-) -> list[list[int]]:
+) -> list[SampledTokens]:
     """The new tokens of each row: ``logits[firsts[k]]`` is row k's first position, followed by one position per
-    drafted token; the result holds the confirmed drafted tokens and then one sampled token."""
+    drafted token."""
     first_rows = logits[np.asarray(firsts, dtype=np.intp)]  # a copy: penalties change it in place
     for k, penalty in enumerate(penalties):
         if penalty is not None:
             first_rows[k] = penalty.apply(first_rows[k])
     first_ids = sampler.sample(first_rows, params, generators)
-    sampled: list[list[int]] = []
+    sampled: list[SampledTokens] = []
     for k, draft in enumerate(drafts):
-        ids = [int(first_ids[k])]
+        tokens = SampledTokens()
+        tokens.append(int(first_ids[k]), first_rows[k], params[k])
         penalty = penalties[k]
         if penalty is not None:
-            penalty.add(ids[0])
-        while len(ids) <= len(draft) and ids[-1] == draft[len(ids) - 1]:
-            row = logits[firsts[k] + len(ids)]
+            penalty.add(tokens.ids[0])
+        while len(tokens.ids) <= len(draft) and tokens.ids[-1] == draft[len(tokens.ids) - 1]:
+            row = logits[firsts[k] + len(tokens.ids)]
             if penalty is not None:
                 row = penalty.apply(row)
-            ids.append(int(sampler.sample(row[None], params[k : k + 1], generators[k : k + 1])[0]))
+            token_id = int(sampler.sample(row[None], params[k : k + 1], generators[k : k + 1])[0])
+            tokens.append(token_id, row, params[k])
             if penalty is not None:
-                penalty.add(ids[-1])
-        sampled.append(ids)
+                penalty.add(token_id)
+        sampled.append(tokens)
     return sampled

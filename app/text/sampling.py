@@ -42,6 +42,8 @@ MAX_REPETITION_PENALTY = 10.0
 # OpenAI's logit_bias: a bias in [-MAX_LOGIT_BIAS, MAX_LOGIT_BIAS] per token id, for at most this many tokens.
 MAX_LOGIT_BIAS = 100.0
 MAX_LOGIT_BIAS_TOKENS = 1024
+# Most alternatives a token's log-probability can come with (OpenAI's top_logprobs).
+MAX_TOP_LOGPROBS = 20
 
 
 class SamplingParamsError(ValueError):
@@ -69,6 +71,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per occurrence in the reply
     repetition_penalty: float = 1.0  # divides positive (multiplies negative) logits of prompt and reply tokens
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit), OpenAI's logit_bias
+    logprobs: int | None = None  # report each token's log-probability and this many top alternatives; None: off
 
     def __post_init__(self) -> None:
         # Accept lists from callers (JSON arrays) but store tuples, so the params stay immutable and hashable.
@@ -145,6 +148,12 @@ class SamplingParams:
                 raise SamplingParamsError(
                     f"logit_bias[{token_id}] should be in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], got {bias!r}"
                 )
+        if self.logprobs is not None:
+            _check_int("logprobs", self.logprobs)
+            if not 0 <= self.logprobs <= MAX_TOP_LOGPROBS:
+                raise SamplingParamsError(
+                    f"the number of top log-probabilities should be in [0, {MAX_TOP_LOGPROBS}], got {self.logprobs}"
+                )
         if not isinstance(self.prediction, str):
             raise SamplingParamsError(f"prediction should be a string, got {self.prediction!r}")
         if prompt_tokens < 1:
@@ -158,6 +167,32 @@ class SamplingParams:
     def effective_max_tokens(self, context_length: int, prompt_tokens: int) -> int:
         """``max_tokens``, cut down so that prompt plus output fit in the context window."""
         return max(0, min(self.max_tokens, context_length - prompt_tokens))
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A generated token's log-probability, and the most likely tokens at its position (``SamplingParams.logprobs``).
+
+    Log-probabilities of the model's distribution after repetition penalties and logit bias, before temperature,
+    top-k and top-p (what the model said, not how the sampler then narrowed it)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()  # (token id, log-probability), most likely first (ties: lower id)
+
+    @classmethod
+    def from_logits(cls, row: npt.NDArray[np.floating], token_id: int, top: int) -> TokenLogprob:
+        """The log-softmax of ``row`` at ``token_id``, and its ``top`` most likely tokens."""
+        values = np.asarray(row, dtype=np.float32)
+        peak = float(values.max())
+        log_total = peak + math.log(float(np.exp(values - np.float32(peak)).sum(dtype=np.float64)))
+        best: tuple[tuple[int, float], ...] = ()
+        if top > 0:
+            count = min(top, values.size)
+            ids = np.argpartition(values, values.size - count)[values.size - count :]
+            ids = ids[np.lexsort((ids, -values[ids]))]  # most likely first, ties by lower id
+            best = tuple((int(i), float(values[i]) - log_total) for i in ids)
+        return cls(int(token_id), float(values[token_id]) - log_total, best)
 
 
 def _check_real(name: str, value: object) -> None:
