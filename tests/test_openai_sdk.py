@@ -197,6 +197,13 @@ def test_logprobs_name_each_token_with_its_alternatives_streamed_or_not(client: 
     assert all(e.top_logprobs == [] for e in streamed)  # top_logprobs defaults to 0
     with pytest.raises(openai.BadRequestError):
         client.completions.create(model=MODEL, prompt="Hello", logprobs=2)  # legacy completions: not supported
+    directory, config = load_llm()
+    end_of_turn = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config).eos_token_id
+    assert end_of_turn is not None
+    empty = client.chat.completions.create(model=MODEL, messages=FRANCE, max_tokens=4, logprobs=True,
+                                           logit_bias={str(end_of_turn): 100})  # the reply ends at once
+    assert empty.choices[0].message.content == ""
+    assert empty.choices[0].logprobs is not None and empty.choices[0].logprobs.content == []
 
 
 def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI) -> None:

@@ -282,10 +282,12 @@ class ReplyShape:
     model: str
     fingerprint: str  # "name@version" of the model version that served the request
     token_bytes: Callable[[int], bytes] | None = None  # names the tokens of log-probabilities
+    wants_logprobs: bool = False  # the chat request set `logprobs: true`
 
-    def logprobs(self, items: Sequence[TokenLogprob]) -> dict[str, Any] | None:
-        """A chat choice's `logprobs`: null unless the request asked for them."""
-        if not items or self.token_bytes is None:
+    def logprobs(self, items: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
+        """A chat choice's `logprobs`: null unless the request asked for them (and, streaming, for the chunks
+        without text: ``items`` None)."""
+        if not self.wants_logprobs or self.token_bytes is None or items is None:
             return None
         return {"content": logprob_entries(items, self.token_bytes, openai=True), "refusal": None}
 
@@ -305,7 +307,8 @@ class ReplyShape:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
-            return {"index": 0, "delta": delta, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+            chunk_logprobs = self.logprobs(logprobs if text else None)
+            return {"index": 0, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text, "refusal": None}
         return {"index": 0, "message": message, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
 
@@ -451,7 +454,8 @@ async def _serve(request: Request, kind: Kind) -> Response:
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     shape = ReplyShape(kind, prefix + uuid.uuid4().hex, int(time.time()), served.name,
-                       f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}", engine.token_bytes)
+                       f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}", engine.token_bytes,
+                       wants_logprobs=parsed.sampling.logprobs is not None)
     headers = {"x-request-id": shape.id}
     echo = parsed.prompt if parsed.echo else ""
     if parsed.stream:
