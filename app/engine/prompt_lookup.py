@@ -33,8 +33,8 @@ TokenIds = Sequence[int] | npt.NDArray[np.int64]
 
 class TokenHistory:
     """A sequence's tokens as a growing int64 array, for lookups on every decode step: ``sync`` converts only the
-    tokens added since the last call (turning a whole 2,000-token history into an array again takes ~0.1 ms, on the
-    event loop, per stream and step)."""
+    tokens added since the last call (turning a whole 2,000-token history into an array again takes ~44 µs, on the
+    event loop, per stream and step; docs/benchmarks.md has the command)."""
 
     def __init__(self) -> None:
         self._ids = np.empty(64, dtype=np.int64)

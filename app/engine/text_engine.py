@@ -124,7 +124,7 @@ class _Stream:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the request asked for them
     first_step_at: float | None = None
     first_token_at: float | None = None
-    penalties: TokenPenalties | None = None  # repetition penalties' state, used on the inference thread only
+    penalties: TokenPenalties | None = None  # penalties' and logit bias' state, used on the inference thread only
 
 
 def _runner_capacity(runner: object) -> tuple[int, int] | None:

@@ -7,7 +7,6 @@ its next token.
 - ``repetition_penalty`` (Hugging Face's and vLLM's; llama.cpp's ``repeat_penalty`` over the whole context): every
   token of the prompt or the reply has its logit divided by the penalty when positive, multiplied when negative.
   Above 1 discourages repetition.
-
 - ``logit_bias`` (OpenAI's): a fixed amount added to the logits of the listed token ids (-100 bans a token, 100
   all but forces it).
 
