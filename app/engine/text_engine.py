@@ -43,10 +43,9 @@ from app.engine.text_scheduler import SchedulerConfig, TextScheduler
 from app.errors import EngineDeadError
 from app.text.chat_template import ChatTemplate
 from app.text.detokenizer import IncrementalDetokenizer
-from app.text.draft_sampling import SampledTokens, sample_with_drafts
+from app.text.draft_sampling import RequestSampling, SampledTokens, sample_with_drafts
 from app.text.llama_runner import StepInput, logit_offsets
-from app.text.penalties import TokenPenalties
-from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, TokenLogprob, make_generator
+from app.text.sampling import Sampler, SamplingParams, SamplingParamsError, TokenLogprob
 from app.text.stopping import StopChecker
 from app.text.tokenizer import TextTokenizer
 
@@ -113,8 +112,7 @@ class _Stream:
     request: TextRequest
     generation: Generation
     mailbox: GenerationMailbox
-    params: SamplingParams
-    generator: np.random.Generator
+    sampling: RequestSampling  # params, random generator and penalties; the last two used on the inference thread only
     detokenizer: IncrementalDetokenizer
     stop: StopChecker
     epoch: int
@@ -124,7 +122,6 @@ class _Stream:
     unsent_logprobs: list[TokenLogprob] = field(default_factory=list)  # theirs, when the request asked for them
     first_step_at: float | None = None
     first_token_at: float | None = None
-    penalties: TokenPenalties | None = None  # penalties' and logit bias' state, used on the inference thread only
 
 
 def _runner_capacity(runner: object) -> tuple[int, int] | None:
@@ -381,9 +378,7 @@ class TextEngine:
             request=request,
             generation=generation,
             mailbox=mailbox,
-            params=params,
-            generator=make_generator(params.seed),
-            penalties=TokenPenalties.for_request(params, prompt_ids),
+            sampling=RequestSampling.for_request(params, prompt_ids),
             detokenizer=IncrementalDetokenizer(self._tokenizer, skip_special=True),
             stop=StopChecker.for_request(
                 params, model_stop_token_ids=self._tokenizer.stop_token_ids, max_tokens=max_tokens
@@ -452,9 +447,7 @@ class TextEngine:
                     inputs,
                     sample_rows,
                     [output.rows[position].draft for position in sample_rows],
-                    [stream.params for stream in streams],
-                    [stream.generator for stream in streams],
-                    [stream.penalties for stream in streams],
+                    [stream.sampling for stream in streams],
                 )
             finally:
                 self._step_in_flight = False
@@ -496,13 +489,11 @@ class TextEngine:
         inputs: list[StepInput],
         sample_rows: list[int],
         drafts: list[tuple[int, ...]],
-        params: list[SamplingParams],
-        generators: list[np.random.Generator],
-        penalties: list[TokenPenalties | None],
+        requests: list[RequestSampling],
     ) -> list[SampledTokens]:
         """Runs in the executor: one ``runner.step`` over all the step's rows (the runner splits it into session
         calls if padding would be wasteful), then the new tokens of every row that samples (``sample_rows`` index
-        ``inputs``; ``drafts`` and the rest are per sampling row).
+        ``inputs``; ``drafts`` and ``requests`` are per sampling row).
 
         A row with a draft samples position after position while the token sampled equals the drafted one
         (``app.text.draft_sampling``): the tokens are those of decoding one token per step.
@@ -511,7 +502,7 @@ class TextEngine:
         if not sample_rows:
             return []
         firsts = logit_offsets(inputs)[sample_rows]
-        return sample_with_drafts(self._sampler, logits, firsts.tolist(), drafts, params, generators, penalties)
+        return sample_with_drafts(self._sampler, logits, firsts.tolist(), drafts, requests)
 
     def _on_tokens(
         self, stream: _Stream, token_ids: Sequence[int], logprobs: Sequence[TokenLogprob], now: float

@@ -15,7 +15,23 @@ import numpy as np
 import numpy.typing as npt
 
 from app.text.penalties import TokenPenalties
-from app.text.sampling import Sampler, SamplingParams, TokenLogprob
+from app.text.sampling import Sampler, SamplingParams, TokenLogprob, make_generator
+
+
+@dataclass(eq=False)
+class RequestSampling:
+    """How one request picks its tokens: its params, its random generator and its penalty state (None when its
+    params change no logit). The generator and the penalties change with every token sampled, so they are used on
+    the engine's inference thread only."""
+
+    params: SamplingParams
+    generator: np.random.Generator
+    penalties: TokenPenalties | None = None
+
+    @classmethod
+    def for_request(cls, params: SamplingParams, prompt_ids: Sequence[int]) -> RequestSampling:
+        """A request's fresh state: a generator seeded with ``params.seed``, penalties counting its prompt."""
+        return cls(params, make_generator(params.seed), TokenPenalties.for_request(params, prompt_ids))
 
 
 @dataclass
@@ -37,31 +53,29 @@ def sample_with_drafts(
     logits: npt.NDArray[np.float32],
     firsts: Sequence[int],
     drafts: Sequence[tuple[int, ...]],
-    params: Sequence[SamplingParams],
-    generators: Sequence[np.random.Generator],
-    penalties: Sequence[TokenPenalties | None],
+    requests: Sequence[RequestSampling],
 ) -> list[SampledTokens]:
     """The new tokens of each row: ``logits[firsts[k]]`` is row k's first position, followed by one position per
-    drafted token."""
+    drafted token; ``drafts[k]`` and ``requests[k]`` are row k's draft and sampling state."""
     first_rows = logits[np.asarray(firsts, dtype=np.intp)]  # a copy: penalties change it in place
-    for k, penalty in enumerate(penalties):
-        if penalty is not None:
-            first_rows[k] = penalty.apply(first_rows[k])
-    first_ids = sampler.sample(first_rows, params, generators)
+    for k, request in enumerate(requests):
+        if request.penalties is not None:
+            first_rows[k] = request.penalties.apply(first_rows[k])
+    first_ids = sampler.sample(first_rows, [r.params for r in requests], [r.generator for r in requests])
     sampled: list[SampledTokens] = []
-    for k, draft in enumerate(drafts):
+    for k, (draft, request) in enumerate(zip(drafts, requests, strict=True)):
         tokens = SampledTokens()
-        tokens.append(int(first_ids[k]), first_rows[k], params[k])
-        penalty = penalties[k]
-        if penalty is not None:
-            penalty.add(tokens.ids[0])
+        tokens.append(int(first_ids[k]), first_rows[k], request.params)
+        penalties = request.penalties
+        if penalties is not None:
+            penalties.add(tokens.ids[0])
         while len(tokens.ids) <= len(draft) and tokens.ids[-1] == draft[len(tokens.ids) - 1]:
             row = logits[firsts[k] + len(tokens.ids)]
-            if penalty is not None:
-                row = penalty.apply(row)
-            token_id = int(sampler.sample(row[None], params[k : k + 1], generators[k : k + 1])[0])
-            tokens.append(token_id, row, params[k])
-            if penalty is not None:
-                penalty.add(token_id)
+            if penalties is not None:
+                row = penalties.apply(row)
+            token_id = int(sampler.sample(row[None], [request.params], [request.generator])[0])
+            tokens.append(token_id, row, request.params)
+            if penalties is not None:
+                penalties.add(token_id)
         sampled.append(tokens)
     return sampled
