@@ -182,6 +182,89 @@ def test_chat_reply_streams_in_pieces_shows_timings_and_stop_cancels(brook_serve
     assert page.evaluate("document.activeElement.id") == "prompt"
 
 
+def _record_chat_frames(page: Any) -> list[dict[str, Any]]:
+    """Every JSON message the page sends on /v1/chat, in order."""
+    sent: list[dict[str, Any]] = []
+
+    def on_frame(payload: str | bytes) -> None:
+        if isinstance(payload, str):
+            sent.append(json.loads(payload))
+
+    def on_websocket(socket: Any) -> None:
+        if "/v1/chat" in socket.url:
+            socket.on("framesent", on_frame)
+
+    page.on("websocket", on_websocket)
+    return sent
+
+
+def _chat_turns(sent: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [frame for frame in sent if frame.get("type") == "chat"]
+
+
+def test_reply_settings_are_sent_kept_across_reloads_and_token_probabilities_are_shown(
+    brook_server: RunningServer, page: Any
+) -> None:
+    sent = _record_chat_frames(page)
+    page.goto(brook_server.http + "/")
+    page.wait_for_selector("#chat-model option", state="attached")
+    page.click("#chat-settings summary")
+    page.fill("#system-prompt", "You answer in one short sentence.")
+    page.fill("#temperature", "0")
+    page.fill("#max-tokens", "12")
+    page.fill("#repetition-penalty", "1.2")
+    page.check("#show-logprobs")
+    _ask(page, "What colour is the sky on a clear day?")
+    page.wait_for_selector("#messages .message.assistant[data-finish]", timeout=WAIT_MS)
+    first = _chat_turns(sent)[0]
+    assert first["messages"] == [{"role": "system", "content": "You answer in one short sentence."},
+                                 {"role": "user", "content": "What colour is the sky on a clear day?"}]
+    assert {key: first[key] for key in ("temperature", "top_p", "max_tokens", "repetition_penalty", "logprobs")} == {
+        "temperature": 0, "top_p": 0.9, "max_tokens": 12, "repetition_penalty": 1.2, "logprobs": 5}
+    assert "seed" not in first  # an empty box keeps the server's default
+    reply = page.locator("#messages .message.assistant").last
+    assert reply.get_attribute("data-finish") in {"stop", "length"}
+    tokens = reply.locator(".body .tok")
+    assert tokens.count() >= 1
+    # Every piece of text is a span carrying the model's log-probability and its alternatives in the tooltip.
+    pieces = tokens.evaluate_all("els => els.map(e => [e.textContent, e.dataset.logprob, e.title])")
+    assert "".join(text for text, _, _ in pieces) == reply.locator(".body").text_content()
+    for text, logprob, title in pieces:
+        assert float(logprob) <= 0 and "%" in title and "best:" in title, (text, logprob, title)
+    meta = reply.locator(".meta").text_content() or ""
+    assert int(meta.split(" tokens")[0].split("· ")[-1]) <= 12, meta
+    screenshot(page, "chat-probabilities")
+
+    _ask(page, "And at night?")  # same conversation: the system prompt is not sent again
+    page.wait_for_function("document.querySelectorAll('#messages .message.assistant[data-finish]').length === 2",
+                           timeout=WAIT_MS)
+    assert _chat_turns(sent)[1]["messages"] == [{"role": "user", "content": "And at night?"}]
+    page.click("#reset")  # a new conversation starts with it again
+    _ask(page, "Hello!")
+    page.wait_for_selector("#messages .message.assistant[data-finish]", timeout=WAIT_MS)
+    assert _chat_turns(sent)[2]["messages"][0]["role"] == "system"
+
+    page.reload()
+    page.wait_for_selector("#chat-model option", state="attached")
+    assert page.input_value("#temperature") == "0" and page.input_value("#max-tokens") == "12"
+    assert page.input_value("#system-prompt") == "You answer in one short sentence."
+    assert page.is_checked("#show-logprobs")
+    # A value out of range is the server's to refuse: the reply shows its bad_message, naming the field.
+    page.click("#chat-settings summary")
+    page.fill("#top-p", "0")
+    _ask(page, "Hello again!")
+    page.wait_for_selector("#messages .message.assistant[data-finish='error']", timeout=WAIT_MS)
+    error = page.locator("#messages .message.assistant .meta.error").text_content() or ""
+    assert "bad_message" in error and "top_p" in error, error
+    assert page.is_enabled("#send")
+    page.click("#settings-defaults")
+    assert page.input_value("#top-p") == "0.9" and page.input_value("#temperature") == "0.2"
+    assert page.input_value("#system-prompt") == "" and not page.is_checked("#show-logprobs")
+    page.reload()
+    page.wait_for_selector("#chat-model option", state="attached")
+    assert page.input_value("#top-p") == "0.9"
+
+
 RECORD_BANNERS = """() => {
   window.__banners = [];
   new MutationObserver(() => {

@@ -6,6 +6,9 @@ const STREAM_RATE_HZ = 16000;
 const CHUNK_SECONDS = 0.1;
 const BACKOFF_MS = [500, 1000, 2000, 4000, 8000];
 const KEY_STORAGE = "brook.apiKey";
+const SETTINGS_STORAGE = "brook.chatSettings";
+const SETTING_INPUTS = ["system-prompt", "temperature", "top-p", "max-tokens", "repetition-penalty", "seed", "show-logprobs"];
+const TOP_LOGPROBS = 5; // alternatives shown per token with "Show token probabilities"
 
 // ---------- small helpers ----------
 function escapeHtml(text) {
@@ -412,7 +415,53 @@ async function streamFile(file) {
 const chat = {
   socket: null, streaming: false, reply: null, text: "", sentAt: 0, firstTokenAt: 0, tokens: 0,
   pending: null, reconnectAttempt: 0, reconnectTimer: null, dropped: false, queued: [],
+  started: false, // the server's conversation has a turn: the system prompt goes only with the first one
+  showProbabilities: false, // the streaming reply asked for logprobs and is drawn token by token
 };
+
+// ---------- reply settings (docs/protocol.md, WS /v1/chat: the sampling fields) ----------
+function numberSetting(id) {
+  const raw = $(id).value.trim();
+  const value = Number(raw);
+  return raw === "" || !Number.isFinite(value) ? undefined : value;
+}
+
+// The sampling fields of the next turn. An empty box keeps the server's default; a value out of range is sent as it
+// is, and the server's bad_message says which one.
+function replySettings() {
+  const fields = {
+    temperature: numberSetting("temperature"),
+    top_p: numberSetting("top-p"),
+    max_tokens: numberSetting("max-tokens"),
+    repetition_penalty: numberSetting("repetition-penalty"),
+    seed: numberSetting("seed"),
+    logprobs: $("show-logprobs").checked ? TOP_LOGPROBS : undefined,
+  };
+  return Object.fromEntries(Object.entries(fields).filter(([, value]) => value !== undefined));
+}
+
+function saveSettings() {
+  const values = {};
+  for (const id of SETTING_INPUTS) values[id] = $(id).type === "checkbox" ? $(id).checked : $(id).value;
+  localStorage.setItem(SETTINGS_STORAGE, JSON.stringify(values));
+}
+
+function restoreSettings() {
+  let saved = {};
+  try { saved = JSON.parse(localStorage.getItem(SETTINGS_STORAGE) || "{}") || {}; } catch { saved = {}; }
+  for (const id of SETTING_INPUTS) {
+    if (!(id in saved)) continue;
+    if ($(id).type === "checkbox") $(id).checked = Boolean(saved[id]); else $(id).value = String(saved[id]);
+  }
+}
+
+function defaultSettings() {
+  for (const id of SETTING_INPUTS) {
+    const input = $(id);
+    if (input.type === "checkbox") input.checked = input.defaultChecked; else input.value = input.defaultValue;
+  }
+  saveSettings();
+}
 
 function scrollToEnd(element) { element.scrollTop = element.scrollHeight; }
 
@@ -456,6 +505,7 @@ function connectChat(quiet = false) {
     socket.onmessage = (event) => {
       const message = JSON.parse(event.data);
       if (message.type === "ready") {
+        chat.started = false; // a new socket is a new conversation
         chat.reconnectAttempt = 0;
         hideBanner();
         $("chat-version").hidden = false;
@@ -466,7 +516,7 @@ function connectChat(quiet = false) {
         }
         resolve(true);
       } else if (message.type === "token") {
-        onToken(message.text);
+        onToken(message);
       } else if (message.type === "done") {
         onDone(message);
       } else if (message.type === "error") {
@@ -563,21 +613,50 @@ async function sendChat(text) {
   chat.sentAt = performance.now();
   chat.firstTokenAt = 0;
   setStreaming(true);
-  chat.socket.send(JSON.stringify({ type: "chat", messages: [{ role: "user", content: text }], max_tokens: 256 }));
+  const settings = replySettings();
+  chat.showProbabilities = "logprobs" in settings;
+  const messages = [{ role: "user", content: text }];
+  const system = $("system-prompt").value.trim();
+  if (system && !chat.started) messages.unshift({ role: "system", content: system });
+  chat.socket.send(JSON.stringify({ type: "chat", messages, ...settings }));
 }
 
-function onToken(text) {
+function onToken(message) {
   if (!chat.reply) return;
   if (!chat.firstTokenAt) chat.firstTokenAt = performance.now();
   chat.tokens++;
-  chat.text += text;
-  chat.reply.querySelector(".body").innerHTML = renderMarkdown(chat.text);
+  chat.text += message.text;
+  const body = chat.reply.querySelector(".body");
+  if (chat.showProbabilities) appendTokenSpan(body, message.text, message.logprobs || []);
+  else body.innerHTML = renderMarkdown(chat.text);
   scrollToEnd($("messages"));
+}
+
+const percent = (logprob) => `${(100 * Math.exp(logprob)).toFixed(1)}%`;
+
+// A token event's text as one span, shaded by how unsure the model was of its least likely token, with every token
+// and its best alternatives in the tooltip (token.logprobs in docs/protocol.md). Plain text, no markdown.
+function appendTokenSpan(body, text, entries) {
+  body.classList.add("tokens");
+  const span = document.createElement("span");
+  span.className = "tok";
+  span.textContent = text;
+  if (entries.length) {
+    const least = Math.min(...entries.map((entry) => entry.logprob));
+    span.dataset.logprob = least.toFixed(4);
+    span.style.setProperty("--unsure", (0.6 * (1 - Math.exp(least))).toFixed(3));
+    span.title = entries.map((entry) => {
+      const others = (entry.top || []).map((top) => `${JSON.stringify(top.token)} ${percent(top.logprob)}`);
+      return `${JSON.stringify(entry.token)} ${percent(entry.logprob)}` + (others.length ? `\n  best: ${others.join(", ")}` : "");
+    }).join("\n");
+  }
+  body.append(span);
 }
 
 function onDone(message) {
   const reply = chat.reply;
   chat.reply = null;
+  chat.started = true; // even a cancelled reply leaves its turn in the conversation
   setStreaming(false);
   if (!reply) return;
   reply.classList.remove("streaming");
@@ -626,6 +705,7 @@ function cancelReply() {
 
 function resetChat() {
   if (chat.socket && chat.socket.readyState === WebSocket.OPEN) chat.socket.send(JSON.stringify({ type: "reset" }));
+  chat.started = false;
   chat.queued = [];
   if (chat.reply) { chat.reply = null; setStreaming(false); }
   $("messages").innerHTML = "<p class=\"empty\">New conversation. Ask something.</p>";
@@ -664,6 +744,9 @@ function init() {
   });
   $("stop").addEventListener("click", cancelReply);
   $("reset").addEventListener("click", resetChat);
+  restoreSettings();
+  for (const id of SETTING_INPUTS) for (const type of ["input", "change"]) $(id).addEventListener(type, saveSettings);
+  $("settings-defaults").addEventListener("click", defaultSettings);
   document.body.dataset.listen = "idle";
   document.body.dataset.chat = "idle";
   loadModels();
