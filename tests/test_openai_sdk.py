@@ -4,6 +4,7 @@ real `brook serve`, plus the pure request parsing."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import re
 import time
 import urllib.request
@@ -16,6 +17,8 @@ from websockets.exceptions import ConnectionClosed
 from app.engine.text_engine import TOKENIZER_FILE_NAME
 from app.repository import ModelRepository
 from app.server.openai_api import OpenAIError, parse_chat_request, parse_completion_request, parse_model
+from app.server.text_requests import CompletionLogprobs
+from app.text.sampling import TokenLogprob
 from app.text.tokenizer import TextTokenizer
 from tests.conftest import ALL_MODELS, ARTIFACT_DIR, require_models
 from tests.server_process import RunningServer, run_server
@@ -195,8 +198,6 @@ def test_logprobs_name_each_token_with_its_alternatives_streamed_or_not(client: 
             streamed += chunk.choices[0].logprobs.content or []
     assert [(e.token, round(e.logprob, 4)) for e in streamed] == [(e.token, round(e.logprob, 4)) for e in entries]
     assert all(e.top_logprobs == [] for e in streamed)  # top_logprobs defaults to 0
-    with pytest.raises(openai.BadRequestError):
-        client.completions.create(model=MODEL, prompt="Hello", logprobs=2)  # legacy completions: not supported
     directory, config = load_llm()
     end_of_turn = TextTokenizer.from_files(directory / TOKENIZER_FILE_NAME, config).eos_token_id
     assert end_of_turn is not None
@@ -204,6 +205,50 @@ def test_logprobs_name_each_token_with_its_alternatives_streamed_or_not(client: 
                                            logit_bias={str(end_of_turn): 100})  # the reply ends at once
     assert empty.choices[0].message.content == ""
     assert empty.choices[0].logprobs is not None and empty.choices[0].logprobs.content == []
+
+
+def test_legacy_completion_logprobs_name_each_token_and_where_it_starts_streamed_or_not(
+    client: openai.OpenAI
+) -> None:
+    prompt = "The three primary colours are"
+    whole = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, logprobs=3)
+    choice = whole.choices[0]
+    legacy = choice.logprobs
+    assert legacy is not None and legacy.tokens and legacy.token_logprobs and legacy.top_logprobs
+    assert legacy.text_offset is not None
+    assert len(legacy.tokens) == len(legacy.token_logprobs) == len(legacy.top_logprobs) == len(legacy.text_offset)
+    assert "".join(legacy.tokens) == choice.text
+    assert legacy.text_offset == list(itertools.accumulate([0, *(len(t) for t in legacy.tokens[:-1])]))
+    for token, logprob, best in zip(legacy.tokens, legacy.token_logprobs, legacy.top_logprobs, strict=True):
+        assert logprob is not None and logprob <= 0 and len(best) == 3
+        assert best[token] == pytest.approx(logprob) and max(best.values()) == pytest.approx(logprob)  # greedy
+    streamed: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "text_offset": []}
+    for chunk in client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12, logprobs=3,
+                                           stream=True):
+        piece = chunk.choices[0].logprobs if chunk.choices else None
+        if piece is not None:
+            for name in streamed:
+                streamed[name] += getattr(piece, name)
+    assert streamed["tokens"] == legacy.tokens and streamed["text_offset"] == legacy.text_offset
+    assert [round(v, 4) for v in streamed["token_logprobs"]] == [round(v, 4) for v in legacy.token_logprobs]
+    only_chosen = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=4, logprobs=0)
+    chosen = only_chosen.choices[0].logprobs
+    assert chosen is not None and chosen.tokens and chosen.token_logprobs
+    assert chosen.top_logprobs == [{t: p} for t, p in zip(chosen.tokens, chosen.token_logprobs, strict=True)]
+    plain = client.completions.create(model=MODEL, prompt=prompt, temperature=0, max_tokens=12)
+    assert plain.choices[0].logprobs is None and plain.choices[0].text == choice.text
+    with pytest.raises(openai.BadRequestError, match="echo"):
+        client.completions.create(model=MODEL, prompt=prompt, logprobs=2, echo=True)
+
+
+def test_legacy_logprobs_offsets_point_at_the_character_a_split_token_belongs_to() -> None:
+    pieces = {1: b"caf", 2: b"\xc3", 3: b"\xa9", 4: b"!", 5: b" ok"}
+    legacy = CompletionLogprobs(pieces.__getitem__, offset=6)  # after a 6-character first piece
+    first = legacy.take("café!", [TokenLogprob(i, -0.5, ((i, -0.5), (5, -2.0))) for i in (1, 2, 3, 4)])
+    assert first["text_offset"] == [6, 9, 9, 10]  # both bytes of "é" start at the "é"
+    assert first["tokens"] == ["caf", "\ufffd", "\ufffd", "!"]
+    assert first["top_logprobs"][0] == {"caf": -0.5, " ok": -2.0}
+    assert legacy.take(" ok", [TokenLogprob(5, -0.1)])["text_offset"] == [11]
 
 
 def test_logit_bias_forces_and_bans_tokens(client: openai.OpenAI) -> None:
@@ -346,7 +391,8 @@ def test_unsupported_chat_fields_are_400(field: dict[str, object]) -> None:
 
 
 @pytest.mark.parametrize("field", [{"prompt": ["a", "b"]}, {"prompt": [1, 2, 3]}, {"best_of": 2}, {"suffix": "x"},
-                                   {"logprobs": 2}, {"echo": "yes"}])
+                                   {"logprobs": 21}, {"logprobs": True}, {"logprobs": 1, "echo": True},
+                                   {"echo": "yes"}])
 def test_unsupported_completion_fields_are_400(field: dict[str, object]) -> None:
     with pytest.raises(OpenAIError) as error:
         parse_completion_request({"model": "m", "prompt": "hi", **field}, default_model="m")

@@ -37,7 +37,7 @@ from app.server.auth import is_authorized, is_origin_allowed
 from app.server.pinned_versions import acquire_served
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
-from app.server.text_requests import logprob_entries, record_generation, sampling_params
+from app.server.text_requests import CompletionLogprobs, logprob_entries, record_generation, sampling_params
 from app.text.sampling import MAX_TOP_LOGPROBS, SamplingParamsError, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -245,15 +245,21 @@ def parse_completion_request(body: Mapping[str, Any], *, default_model: str) -> 
     """A `/v1/completions` body → `TextRequest`; raises `OpenAIError` (400/404) naming the bad field."""
     _check_common(body)
     _require_default(body, "best_of", lambda v: v == 1, "only 1")
-    _require_default(body, "logprobs", lambda v: v == 0, "no log-probabilities")
     _require_default(body, "suffix", lambda v: v == "", "no insertion")
     echo = body.get("echo", False)
     if not isinstance(echo, bool | None):
         raise _bad_request(f"echo must be true or false, got {echo!r}", "echo")
+    logprobs = body.get("logprobs")
+    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
+                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
+        raise _bad_request(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per token), "
+                           f"got {logprobs!r}", "logprobs")
+    if logprobs is not None and echo:
+        raise _bad_request("echo with logprobs asks for the prompt's log-probabilities, which Brook does not "
+                           "compute; send echo or logprobs, not both", "echo", "unsupported_parameter")
     model, version = parse_model(body.get("model"), default_model)
     stream, include_usage = _stream_flags(body)
-    fields = {name: value for name, value in body.items() if name != "logprobs"}  # refused above unless 0
-    return TextRequest("completion", model, version, _sampling(fields), stream, include_usage,
+    return TextRequest("completion", model, version, _sampling(body), stream, include_usage,
                        prompt=_prompt(body.get("prompt")), echo=bool(echo))
 
 
@@ -282,7 +288,9 @@ class ReplyShape:
     model: str
     fingerprint: str  # "name@version" of the model version that served the request
     token_bytes: Callable[[int], bytes] | None = None  # names the tokens of log-probabilities
-    wants_logprobs: bool = False  # the chat request set `logprobs: true`
+    wants_logprobs: bool = False  # the request asked for log-probabilities (chat `logprobs: true`, completion 0-20)
+    # a completion's legacy `logprobs` object, piece by piece (its text offsets run across the chunks)
+    completion_logprobs: CompletionLogprobs | None = None
 
     def logprobs(self, items: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         """A chat choice's `logprobs`: null unless the request asked for them (and, streaming, for the chunks
@@ -302,7 +310,10 @@ class ReplyShape:
     def _choice(self, text: str | None, finish_reason: str | None, *, streaming: bool,
                 role: bool = False, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
         if self.kind == "completion":
-            return {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish_reason}
+            legacy = None
+            if self.completion_logprobs is not None and (text or not streaming):  # none on chunks without text
+                legacy = self.completion_logprobs.take(text or "", logprobs)
+            return {"index": 0, "text": text or "", "logprobs": legacy, "finish_reason": finish_reason}
         if streaming:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
@@ -453,9 +464,12 @@ async def _serve(request: Request, kind: Kind) -> Response:
         generation.cancel()  # a no-op once it has finished
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
+    wants_logprobs = parsed.sampling.logprobs is not None
     shape = ReplyShape(kind, prefix + uuid.uuid4().hex, int(time.time()), served.name,
                        f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}", engine.token_bytes,
-                       wants_logprobs=parsed.sampling.logprobs is not None)
+                       wants_logprobs=wants_logprobs,
+                       completion_logprobs=CompletionLogprobs(engine.token_bytes)
+                       if kind == "completion" and wants_logprobs else None)
     headers = {"x-request-id": shape.id}
     echo = parsed.prompt if parsed.echo else ""
     if parsed.stream:

@@ -3,6 +3,7 @@ token log-probabilities to wire objects, and the metrics of a finished generatio
 
 from __future__ import annotations
 
+import codecs
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -56,3 +57,34 @@ def logprob_entries(
         top = [entry(token_id, logprob) for token_id, logprob in item.top]
         entries.append({**entry(item.token_id, item.logprob), ("top_logprobs" if openai else "top"): top})
     return entries
+
+
+class CompletionLogprobs:
+    """OpenAI's legacy ``logprobs`` object of a ``/v1/completions`` choice, built piece by piece as the text streams:
+    ``tokens``, ``token_logprobs``, ``top_logprobs`` (at each position the best tokens and the chosen one, text →
+    log-probability) and ``text_offset`` (the character of the choice's text where each token's text starts; the
+    tokens of one character that spans several all start at that character)."""
+
+    def __init__(self, token_bytes: Callable[[int], bytes], offset: int = 0) -> None:
+        self._token_bytes = token_bytes
+        self.offset = offset  # characters of the choice's text before the next piece
+
+    def _token(self, token_id: int) -> str:
+        return self._token_bytes(token_id).decode("utf-8", errors="replace")
+
+    def take(self, text: str, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """The object for the next piece of the choice's ``text`` and the tokens that make it up."""
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        characters = 0
+        body: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for item in logprobs:
+            token = self._token(item.token_id)
+            body["tokens"].append(token)
+            body["token_logprobs"].append(item.logprob)
+            best = {self._token(token_id): logprob for token_id, logprob in item.top}
+            best.setdefault(token, item.logprob)  # OpenAI: up to `logprobs` + 1 entries, the chosen token included
+            body["top_logprobs"].append(best)
+            body["text_offset"].append(self.offset + min(characters, len(text)))
+            characters += len(decoder.decode(self._token_bytes(item.token_id)))
+        self.offset += len(text)
+        return body
