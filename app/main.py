@@ -14,6 +14,7 @@ from starlette.staticfiles import StaticFiles
 
 from app.config import Settings
 from app.errors import BrookError
+from app.ort_session import set_thread_spin_us
 from app.repository import ModelRepository
 from app.server import http_api, kserve_api, openai_api
 from app.server.loop_monitor import EventLoopMonitor, event_loop_endpoint
@@ -61,6 +62,7 @@ def _set_mmap_threshold(kib: int) -> None:
 
 def create_app(settings: Settings, *, registry: ModelRegistry | None = None) -> Starlette:
     _set_mmap_threshold(settings.malloc_mmap_threshold_kb)  # process-wide, before any engine allocates
+    set_thread_spin_us(settings.ort_spin_us)  # process-wide, before any engine creates a session
     metrics = Metrics()
     repository = ModelRepository(settings.model_dir)
     state = ServerState(settings, metrics, registry or ModelRegistry(repository, settings, metrics))

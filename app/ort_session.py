@@ -2,18 +2,63 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Final
 
 import onnxruntime as ort
 
+logger = logging.getLogger(__name__)
+
 ALLOW_SPINNING_CONFIG_KEY: Final = "session.intra_op.allow_spinning"
-# Idle intra-op threads sleep instead of busy-waiting (onnxruntime's default is to spin). Brook runs several
-# sessions (LLM, Whisper, VAD) and other processes on two cores, where a spinning thread burns a core that another
-# session needs. Measured on the shared 2-core machine, 2 intra-op threads: SmolLM2 decode used 16 instead of 28 ms
-# of CPU per single-stream step and ran 1.2-2.6x faster by wall clock (41-73 against 16-57 tok/s); Whisper tiny.en
-# used 0.42 instead of 0.57 s of CPU per 30 s window at an equal or better wall time.
-DEFAULT_ALLOW_SPINNING: Final = False
+SPIN_DURATION_CONFIG_KEY: Final = "session.intra_op.spin_duration_us"
+# The first onnxruntime release that bounds the spin by time. An older one would ignore the key and spin for its
+# fixed iteration count (~16-47 ms per idle wait, depending on the processor), so there Brook does not spin at all.
+SPIN_DURATION_SINCE: Final = (1, 26)
+MAX_SPIN_US: Final = 10_000
+# How long an idle intra-op thread busy-waits for the next parallel section before it sleeps. A model call is a
+# chain of operators a few microseconds to a few milliseconds long; a thread that sleeps between them pays a wake-up
+# every time. Measured on the 2-core AVX2 machine (SmolLM2 v3, 2 threads, interleaved, medians of 9 rounds,
+# docs/benchmarks.md "Threads that wait"): spinning up to 50-200 us took a 16-row decode step from 96 to 89 ms, one
+# row from 21.7 to 16.7-17.7 ms and a 125-token prompt from 251 to 217 ms, at the same CPU time per step and with
+# no CPU burnt once the engine is idle. Unbounded spinning (onnxruntime's default) burns a whole core for each idle
+# thread between calls: on a machine shared with other sessions and processes it made SmolLM2 1.2-2.6x slower.
+# 0: threads sleep at once (Brook's setting before this knob existed).
+DEFAULT_SPIN_US: Final = 100
+
+
+class _ProcessSpin:
+    """The process's spin setting (``set_thread_spin_us``)."""
+
+    us: int = DEFAULT_SPIN_US
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for part in text.split(".")[:2]:
+        digits = "".join(c for c in part if c.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def bounded_spinning_supported() -> bool:
+    """Whether this onnxruntime bounds its threads' spinning by ``SPIN_DURATION_CONFIG_KEY``."""
+    return _version(ort.__version__) >= SPIN_DURATION_SINCE
+
+
+def set_thread_spin_us(spin_us: int) -> None:
+    """The spin of every session created from now on in this process (``BROOK_ORT_SPIN_US``, set at start-up)."""
+    if not 0 <= spin_us <= MAX_SPIN_US:
+        raise ValueError(f"BROOK_ORT_SPIN_US must lie in 0..{MAX_SPIN_US} microseconds, got {spin_us}")
+    if spin_us and not bounded_spinning_supported():
+        logger.warning("onnxruntime %s cannot bound thread spinning (needs %d.%d): threads will not spin",
+                       ort.__version__, *SPIN_DURATION_SINCE)
+    _ProcessSpin.us = spin_us
+
+
+def thread_spin_us() -> int:
+    """The spin sessions get when they do not ask for their own: 0 where onnxruntime cannot bound it."""
+    return _ProcessSpin.us if bounded_spinning_supported() else 0
 
 
 def create_session(
@@ -21,24 +66,26 @@ def create_session(
     intra_op_threads: int,
     *,
     inter_op_threads: int = 1,
-    allow_spinning: bool = DEFAULT_ALLOW_SPINNING,
+    spin_us: int | None = None,
     enable_memory_arena: bool = True,
 ) -> ort.InferenceSession:
     """An `InferenceSession` on the CPU with a fixed thread budget, so that engines do not fight over cores.
 
-    ``allow_spinning``: whether idle intra-op threads busy-wait for the next parallel section instead of sleeping
-    (see ``DEFAULT_ALLOW_SPINNING``). Spinning can shave the wake-up latency off each operator on an otherwise idle
-    machine; sleeping leaves the core to other sessions and processes.
+    ``spin_us``: how long idle intra-op threads busy-wait for the next parallel section before sleeping (see
+    ``DEFAULT_SPIN_US``); None takes the process's setting (``set_thread_spin_us``), 0 never spins.
 
     ``enable_memory_arena``: onnxruntime's CPU arena keeps the largest intermediate buffers a session ever needed.
     Turn it off for sessions whose activations scale with a batch of large inputs (the Whisper encoder keeps about
     77 MB per 30 s window of its largest batch otherwise); their memory then goes back after each call.
     """
+    spin = thread_spin_us() if spin_us is None else (spin_us if bounded_spinning_supported() else 0)
     options = ort.SessionOptions()
     options.intra_op_num_threads = intra_op_threads
     options.inter_op_num_threads = inter_op_threads
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     options.enable_cpu_mem_arena = enable_memory_arena
-    options.add_session_config_entry(ALLOW_SPINNING_CONFIG_KEY, "1" if allow_spinning else "0")
+    options.add_session_config_entry(ALLOW_SPINNING_CONFIG_KEY, "1" if spin > 0 else "0")
+    if spin > 0:
+        options.add_session_config_entry(SPIN_DURATION_CONFIG_KEY, str(spin))
     return ort.InferenceSession(str(path), sess_options=options, providers=["CPUExecutionProvider"])

@@ -49,7 +49,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from app.ort_session import DEFAULT_ALLOW_SPINNING, create_session
+from app.ort_session import create_session
 from app.text.kv_cache import KVCache, KVCacheLayout, SlotError
 
 logger = logging.getLogger(__name__)
@@ -188,7 +188,7 @@ class LlamaRunner:
         max_batch_size: int = 32,
         max_seq_len: int | None = None,
         max_chunk_tokens: int = DEFAULT_MAX_CHUNK_TOKENS,
-        allow_spinning: bool = DEFAULT_ALLOW_SPINNING,
+        spin_us: int | None = None,
     ) -> None:
         max_seq_len = int(config["max_seq_len"]) if max_seq_len is None else max_seq_len
         if not 0 < max_seq_len <= int(config["context_length"]):
@@ -218,12 +218,12 @@ class LlamaRunner:
             )
         )
         self.session: ort.InferenceSession = create_session(
-            model_dir / str(config["model_file"]), intra_op_threads, allow_spinning=allow_spinning
+            model_dir / str(config["model_file"]), intra_op_threads, spin_us=spin_us
         )
         self.decode_session: ort.InferenceSession | None = None
         if self.decode_graph_rows:
             self.decode_session = create_session(
-                model_dir / str(config["decode_model_file"]), intra_op_threads, allow_spinning=allow_spinning
+                model_dir / str(config["decode_model_file"]), intra_op_threads, spin_us=spin_us
             )
         for session in (self.session, self.decode_session):
             if session is not None:
