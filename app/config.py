@@ -44,7 +44,7 @@ class Settings:
     chat_draft_tokens: int = 10  # speculative decoding: prompt-lookup tokens verified per decode step (0 = off)
     chat_draft_max_streams: int = 4  # every reply drafts while at most this many chat replies decode at once
     chat_draft_min_acceptance: float = 0.0  # with more, replies draft while this share of their drafts holds (0: off)
-    ort_spin_us: int = 100  # idle onnxruntime threads busy-wait this long before sleeping (app.ort_session; 0: never)
+    ort_spin_us: int = 0  # idle onnxruntime threads busy-wait this long before sleeping (app.ort_session; 0: never)
     retry_after_s: int = 5  # Retry-After seconds sent with 503 answers
     shutdown_grace_s: float = 10.0  # how long SIGTERM waits for open sessions to flush
     log_level: str = "info"  # uvicorn/app log level

@@ -17,14 +17,15 @@ SPIN_DURATION_CONFIG_KEY: Final = "session.intra_op.spin_duration_us"
 SPIN_DURATION_SINCE: Final = (1, 26)
 MAX_SPIN_US: Final = 10_000
 # How long an idle intra-op thread busy-waits for the next parallel section before it sleeps. A model call is a
-# chain of operators a few microseconds to a few milliseconds long; a thread that sleeps between them pays a wake-up
-# every time. Measured on the 2-core AVX2 machine (SmolLM2 v3, 2 threads, interleaved, medians of 9 rounds,
-# docs/benchmarks.md "Threads that wait"): spinning up to 50-200 us took a 16-row decode step from 96 to 89 ms, one
-# row from 21.7 to 16.7-17.7 ms and a 125-token prompt from 251 to 217 ms, at the same CPU time per step and with
-# no CPU burnt once the engine is idle. Unbounded spinning (onnxruntime's default) burns a whole core for each idle
-# thread between calls: on a machine shared with other sessions and processes it made SmolLM2 1.2-2.6x slower.
-# 0: threads sleep at once (Brook's setting before this knob existed).
-DEFAULT_SPIN_US: Final = 100
+# chain of operators a few microseconds to a few milliseconds long, and a thread that sleeps between them pays a
+# wake-up each time; but a spinning thread holds a core that another engine's thread may be waiting for. Measured on
+# the 2-core AVX2 machine (docs/benchmarks.md, "onnxruntime threads: spin or sleep"): with one engine busy, spinning
+# up to 100 us made SmolLM2 decode steps 7-23% faster at the same CPU time per step (16 chat sessions: 125 against
+# 117 tok/s, medians of six alternated rounds); with 8 speech and 8 chat streams sharing the cores it made speech
+# finals later (p95 3.5 against 2.7 s, medians of four rounds) and chat 8% slower. Unbounded spinning
+# (onnxruntime's default) also burns a core per idle thread between calls. Hence 0, sleeping at once, by default;
+# ``BROOK_ORT_SPIN_US=100`` suits a process whose one busy engine has the cores to itself.
+DEFAULT_SPIN_US: Final = 0
 
 
 class _ProcessSpin:

@@ -9,16 +9,20 @@ import re
 import time
 import urllib.request
 from collections.abc import Iterator
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
 from websockets.exceptions import ConnectionClosed
 
+from app.config import Settings
 from app.engine.text_engine import TOKENIZER_FILE_NAME
+from app.errors import OverloadedError
 from app.repository import ModelRepository
-from app.server.openai_api import OpenAIError, parse_chat_request, parse_completion_request, parse_model
+from app.server.openai_api import start_choices
+from app.server.openai_requests import OpenAIError, parse_chat_request, parse_completion_request, parse_model
 from app.server.text_requests import CompletionLogprobs
-from app.text.sampling import TokenLogprob
+from app.text.sampling import SamplingParams, TokenLogprob
 from app.text.tokenizer import TextTokenizer
 from tests.conftest import ALL_MODELS, ARTIFACT_DIR, require_models
 from tests.server_process import RunningServer, run_server
@@ -28,6 +32,7 @@ openai = pytest.importorskip("openai", reason="the `openai` SDK is in the dev ex
 
 MODEL = "smollm2-135m-instruct"
 FRANCE = [{"role": "user", "content": "What is the capital of France?"}]
+JOKE = [{"role": "user", "content": "Tell me a joke."}]
 # Greedy counting to 100 takes about 290 tokens: far more than the tokens a cancelled request may still run.
 COUNTING = [{"role": "user", "content": "Count from 1 to 100, separated by commas."}]
 COUNTING_MAX_TOKENS = 200
@@ -116,8 +121,7 @@ def test_max_tokens_stop_and_seed(client: openai.OpenAI) -> None:
                                              stop=["Paris"])
     assert stopped.choices[0].finish_reason == "stop"
     assert "Paris" not in (stopped.choices[0].message.content or "")
-    joke = [{"role": "user", "content": "Tell me a joke."}]
-    sampled = [client.chat.completions.create(model=MODEL, messages=joke, temperature=1.0, top_p=0.95, seed=seed,
+    sampled = [client.chat.completions.create(model=MODEL, messages=JOKE, temperature=1.0, top_p=0.95, seed=seed,
                                               max_tokens=12).choices[0].message.content for seed in (7, 7)]
     assert sampled[0] == sampled[1], "the same seed gives the same sampled reply"
 
@@ -135,11 +139,72 @@ def test_completions_stream_and_not(client: openai.OpenAI) -> None:
     assert echoed.choices[0].text == prompt + whole.choices[0].text
 
 
+def test_several_choices_are_sampled_apart_reproducibly_whole_or_streamed(client: openai.OpenAI) -> None:
+    # top_k 40: a hot but exact distribution (v3 computes only the 64 most likely logits exactly; the tail's int8
+    # logits may round differently with another batch shape, docs/models.md)
+    asked = dict(model=MODEL, messages=JOKE, temperature=1.5, top_p=1.0, seed=11, max_tokens=12,
+                 extra_body={"ignore_eos": True, "top_k": 40})
+    whole = client.chat.completions.create(n=3, **asked)  # type: ignore[call-overload]
+    assert [choice.index for choice in whole.choices] == [0, 1, 2]
+    texts = [choice.message.content or "" for choice in whole.choices]
+    assert len(set(texts)) >= 2, texts  # seeds 11, 12, 13
+    assert all(choice.finish_reason == "length" for choice in whole.choices)
+    assert whole.usage is not None and whole.usage.completion_tokens == 3 * 12
+    single = client.chat.completions.create(**asked)  # type: ignore[call-overload]
+    assert whole.usage.prompt_tokens == single.usage.prompt_tokens  # the prompt counts once
+    assert single.choices[0].message.content == texts[0]  # choice 0 has the request's own seed
+    again = client.chat.completions.create(n=3, **asked)  # type: ignore[call-overload]
+    assert [choice.message.content for choice in again.choices] == texts
+    streamed: dict[int, str] = {}
+    finished: dict[int, str] = {}
+    chunks = list(client.chat.completions.create(n=3, stream=True, stream_options={"include_usage": True},
+                                                 **asked))  # type: ignore[call-overload]
+    for chunk in chunks:
+        for choice in chunk.choices:
+            streamed[choice.index] = streamed.get(choice.index, "") + (choice.delta.content or "")
+            if choice.finish_reason:
+                finished[choice.index] = choice.finish_reason
+    assert [streamed[index] for index in range(3)] == texts
+    assert finished == {0: "length", 1: "length", 2: "length"}
+    assert chunks[-1].choices == [] and chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 36
+    legacy = client.completions.create(model=MODEL, prompt="Once upon a time", n=2, temperature=1.0, seed=3,
+                                       max_tokens=6, logprobs=1)
+    for choice in legacy.choices:
+        assert choice.logprobs is not None and choice.logprobs.text_offset
+        assert choice.logprobs.text_offset[0] == 0 and "".join(choice.logprobs.tokens or []) == choice.text
+
+
+def test_a_refused_choice_cancels_the_ones_already_started() -> None:
+    cancelled: list[int] = []
+
+    class Generation:
+        def __init__(self, number: int) -> None:
+            self.number = number
+
+        def cancel(self) -> None:
+            cancelled.append(self.number)
+
+    class FullEngine:
+        started = 0
+
+        def chat_once(self, messages: object, params: SamplingParams) -> Generation:
+            if self.started == 2:
+                raise OverloadedError("the queue is full")
+            self.started += 1
+            return Generation(self.started)
+
+    state = SimpleNamespace(settings=Settings())
+    parsed = parse_chat_request({"messages": JOKE, "n": 3}, default_model=MODEL)
+    with pytest.raises(OpenAIError) as refused:
+        start_choices(state, FullEngine(), parsed)  # type: ignore[arg-type]
+    assert refused.value.status == 429 and refused.value.code == "overloaded" and cancelled == [1, 2]
+
+
 def test_errors_surface_as_the_sdk_exception_types(client: openai.OpenAI) -> None:
     with pytest.raises(openai.BadRequestError) as bad_n:
-        client.chat.completions.create(model=MODEL, messages=FRANCE, n=2)
-    assert bad_n.value.status_code == 400 and bad_n.value.code == "unsupported_parameter"
-    assert bad_n.value.param == "n" and "n=1" in bad_n.value.message
+        client.chat.completions.create(model=MODEL, messages=FRANCE, n=9)
+    assert bad_n.value.status_code == 400 and bad_n.value.code == "invalid_value"
+    assert bad_n.value.param == "n" and "from 1 to 8" in bad_n.value.message
     with pytest.raises(openai.NotFoundError) as unknown:
         client.chat.completions.create(model="no-such-model", messages=FRANCE)
     assert unknown.value.code == "model_not_found"
@@ -375,7 +440,7 @@ def test_chat_request_fields_map_to_brook() -> None:
 
 
 @pytest.mark.parametrize("field", [
-    {"n": 3}, {"logprobs": "yes"}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
+    {"n": 9}, {"n": 0}, {"n": True}, {"logprobs": "yes"}, {"top_logprobs": 2}, {"logprobs": True, "top_logprobs": 21},
     {"presence_penalty": "high"}, {"logit_bias": {"one": 5}},
     {"response_format": {"type": "json_object"}}, {"tool_choice": "auto"}, {"stream": "yes"},
     {"messages": [{"role": "tool", "content": "x"}]}, {"messages": []},
@@ -390,7 +455,8 @@ def test_unsupported_chat_fields_are_400(field: dict[str, object]) -> None:
     assert error.value.status == 400 and error.value.body()["error"]["type"] == "invalid_request_error"
 
 
-@pytest.mark.parametrize("field", [{"prompt": ["a", "b"]}, {"prompt": [1, 2, 3]}, {"best_of": 2}, {"suffix": "x"},
+@pytest.mark.parametrize("field", [{"prompt": ["a", "b"]}, {"prompt": [1, 2, 3]}, {"best_of": 2},
+                                   {"n": 2, "best_of": 3}, {"suffix": "x"},
                                    {"logprobs": 21}, {"logprobs": True}, {"logprobs": 1, "echo": True},
                                    {"echo": "yes"}])
 def test_unsupported_completion_fields_are_400(field: dict[str, object]) -> None:

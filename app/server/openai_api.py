@@ -10,13 +10,15 @@ with the status the `openai` SDK maps to its exception types (400, 401, 403, 404
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
@@ -29,253 +31,49 @@ from app.errors import (
     EngineDeadError,
     ModelError,
     OverloadedError,
-    ProtocolError,
     UnknownModelError,
 )
-from app.protocol import SamplingFields, parse_sampling
 from app.server.auth import is_authorized, is_origin_allowed
+from app.server.openai_requests import (
+    MODEL_VERSION_SEPARATOR,
+    Kind,
+    OpenAIError,
+    TextRequest,
+    bad_request,
+    parse_chat_request,
+    parse_completion_request,
+)
 from app.server.pinned_versions import acquire_served
 from app.server.registry import ServedVersion
 from app.server.state import ServerState
 from app.server.text_requests import CompletionLogprobs, logprob_entries, record_generation, sampling_params
-from app.text.sampling import MAX_TOP_LOGPROBS, SamplingParamsError, TokenLogprob
+from app.text.sampling import SamplingParamsError, TokenLogprob
 
 logger = logging.getLogger(__name__)
 
 TEXT_TASK = "text-generation"
-MODEL_VERSION_SEPARATOR = "@"  # "smollm2-135m-instruct@1" pins version 1
-ROLE_ALIASES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
 MAX_BODY_BYTES = 4 << 20  # a request body larger than this is refused with 413
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
-Kind = Literal["chat", "completion"]
-
-
-class OpenAIError(Exception):
-    """An error answered with OpenAI's error body and an HTTP status."""
-
-    def __init__(self, status: int, message: str, *, type_: str = "invalid_request_error", code: str | None = None,
-                 param: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type_
-        self.code = code
-        self.param = param
-        self.headers = headers
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
-
-    def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status, headers=self.headers)
-
-
-def _bad_request(message: str, param: str | None = None, code: str | None = "invalid_value") -> OpenAIError:
-    return OpenAIError(400, message, code=code, param=param)
-
-
-# ---- request parsing (pure) -----------------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class TextRequest:
-    """An OpenAI chat or completion request, reduced to what Brook's engine runs."""
-
-    kind: Kind
-    model: str
-    version: int | None
-    sampling: SamplingFields
-    stream: bool
-    include_usage: bool
-    messages: tuple[tuple[str, str], ...] = ()  # chat: (role, content)
-    prompt: str = ""  # completion
-    echo: bool = False  # completion: prepend the prompt to the text
-
-
-def parse_model(value: Any, default_model: str) -> tuple[str, int | None]:
-    """`name` or `name@version` → (name, version); a missing model means the server's default chat model."""
-    if value is None:
-        return default_model, None
-    if not isinstance(value, str) or not value.strip():
-        raise _bad_request(f"model must be a non-empty string such as {default_model!r} or '{default_model}@1', "
-                           f"got {value!r}", "model")
-    name, separator, version = value.strip().partition(MODEL_VERSION_SEPARATOR)
-    if not separator:
-        return name, None
-    if not version.isdigit() or int(version) < 1:
-        raise OpenAIError(404, f"model {value!r}: the version after '@' must be a positive integer",
-                          code="model_not_found", param="model")
-    return name, int(version)
-
-
-def _require_default(body: Mapping[str, Any], name: str, allowed: Callable[[Any], bool], what: str) -> None:
-    """Refuse a parameter Brook cannot honour unless it has its neutral value."""
-    if name in body and body[name] is not None and not allowed(body[name]):
-        raise _bad_request(f"{name} is not supported by Brook ({what}); got {body[name]!r}", name,
-                           "unsupported_parameter")
-
-
-def _check_common(body: Mapping[str, Any]) -> None:
-    n = body.get("n")
-    if n is not None and (isinstance(n, bool) or n != 1):
-        raise _bad_request(f"only n=1 is supported (one choice per request); got n={n!r}. Send several requests "
-                           "for several choices", "n", "unsupported_parameter")
-
-
-def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
-    stream = body.get("stream", False)
-    if stream is None:
-        stream = False
-    if not isinstance(stream, bool):
-        raise _bad_request(f"stream must be true or false, got {stream!r}", "stream")
-    options = body.get("stream_options") or {}
-    if not isinstance(options, dict):
-        raise _bad_request(f"stream_options must be an object, got {options!r}", "stream_options")
-    include_usage = options.get("include_usage", False)
-    if not isinstance(include_usage, bool):
-        raise _bad_request(f"stream_options.include_usage must be true or false, got {include_usage!r}",
-                           "stream_options.include_usage")
-    return stream, include_usage
-
-
-def _sampling(body: Mapping[str, Any]) -> SamplingFields:
-    fields = dict(body)
-    if body.get("max_completion_tokens") is not None:
-        fields["max_tokens"] = body["max_completion_tokens"]
-    if fields.get("stop") is None:
-        fields.pop("stop", None)
-    fields["prediction"] = _prediction_text(body.get("prediction"))
-    try:
-        return parse_sampling(fields)
-    except ProtocolError as exc:
-        raise _bad_request(exc.message) from None
-
-
-def _content_text(content: Any, name: str) -> str:
-    """A message's (or a prediction's) ``content``: a string, or a list of text parts joined by newlines."""
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list):
-        texts = []
-        for part_index, part in enumerate(content):
-            param = f"{name}[{part_index}]"
-            if not isinstance(part, dict) or part.get("type") != "text" or not isinstance(part.get("text"), str):
-                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
-                raise _bad_request(f"{param}: only text content parts are supported, got {kind!r}", param)
-            texts.append(part["text"])
-        return "\n".join(texts)
-    raise _bad_request(f"{name} must be a string or a list of text parts, got {content!r}", name)
-
-
-def _prediction_text(raw: Any) -> str:
-    """OpenAI's Predicted Outputs: ``{"type": "content", "content": ...}``, the text the reply is expected to be."""
-    if raw is None:
-        return ""
-    if not isinstance(raw, dict) or raw.get("type") != "content":
-        raise _bad_request(f'prediction must be {{"type": "content", "content": ...}}, got {raw!r}', "prediction")
-    return _content_text(raw.get("content"), "prediction.content")
-
-
-def _messages(raw: Any) -> tuple[tuple[str, str], ...]:
-    if not isinstance(raw, list) or not raw:
-        raise _bad_request(f"messages must be a non-empty array, got {raw!r}", "messages")
-    messages = []
-    for index, message in enumerate(raw):
-        if not isinstance(message, dict):
-            raise _bad_request(f"messages[{index}] must be an object, got {message!r}", f"messages[{index}]")
-        role = message.get("role")
-        if role not in ROLE_ALIASES:
-            raise _bad_request(f"messages[{index}].role must be one of {', '.join(ROLE_ALIASES)} (tool and function "
-                               f"messages are not supported), got {role!r}", f"messages[{index}].role")
-        if message.get("tool_calls") or message.get("function_call"):
-            raise _bad_request(f"messages[{index}]: tool calls are not supported", f"messages[{index}].tool_calls",
-                               "unsupported_parameter")
-        content = message.get("content")
-        text = "" if content is None else _content_text(content, f"messages[{index}].content")
-        messages.append((ROLE_ALIASES[role], text))
-    return tuple(messages)
-
-
-def parse_chat_request(body: Mapping[str, Any], *, default_model: str) -> TextRequest:
-    """A `/v1/chat/completions` body → `TextRequest`; raises `OpenAIError` (400/404) naming the bad field."""
-    _check_common(body)
-    _require_default(body, "tools", lambda v: v == [], "no tool calling")
-    _require_default(body, "functions", lambda v: v == [], "no function calling")
-    _require_default(body, "tool_choice", lambda v: v == "none", "only 'none'")
-    _require_default(body, "function_call", lambda v: v == "none", "only 'none'")
-    _require_default(body, "response_format", lambda v: isinstance(v, dict) and v.get("type") == "text",
-                     "only {'type': 'text'}")
-    _require_default(body, "modalities", lambda v: v == ["text"], "text only")
-    _require_default(body, "audio", lambda v: False, "text only")
-    model, version = parse_model(body.get("model"), default_model)
-    stream, include_usage = _stream_flags(body)
-    fields = dict(body)
-    fields["logprobs"] = _chat_logprobs(body)
-    fields.pop("top_logprobs", None)
-    return TextRequest("chat", model, version, _sampling(fields), stream, include_usage,
-                       messages=_messages(body.get("messages")))
-
-
-def _chat_logprobs(body: Mapping[str, Any]) -> int | None:
-    """OpenAI's `logprobs` (true/false) and `top_logprobs` (0-20, only with `logprobs`) as Brook's one number."""
-    wanted, top = body.get("logprobs"), body.get("top_logprobs")
-    if wanted is not None and not isinstance(wanted, bool):
-        raise _bad_request(f"logprobs must be true or false, got {wanted!r}", "logprobs")
-    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= MAX_TOP_LOGPROBS):
-        raise _bad_request(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {top!r}",
-                           "top_logprobs")
-    if not wanted:
-        if top:
-            raise _bad_request("top_logprobs needs logprobs: true", "top_logprobs")
-        return None
-    return top or 0
-
-
-def _prompt(raw: Any) -> str:
-    if isinstance(raw, list) and len(raw) == 1 and isinstance(raw[0], str):
-        raw = raw[0]
-    if isinstance(raw, str):
-        return raw
-    if isinstance(raw, list) and all(isinstance(item, str) for item in raw):
-        raise _bad_request(f"one prompt per request is supported, got {len(raw)}", "prompt", "unsupported_parameter")
-    raise _bad_request(f"prompt must be a string (token-id prompts are not supported), got {raw!r}", "prompt")
-
-
-def parse_completion_request(body: Mapping[str, Any], *, default_model: str) -> TextRequest:
-    """A `/v1/completions` body → `TextRequest`; raises `OpenAIError` (400/404) naming the bad field."""
-    _check_common(body)
-    _require_default(body, "best_of", lambda v: v == 1, "only 1")
-    _require_default(body, "suffix", lambda v: v == "", "no insertion")
-    echo = body.get("echo", False)
-    if not isinstance(echo, bool | None):
-        raise _bad_request(f"echo must be true or false, got {echo!r}", "echo")
-    logprobs = body.get("logprobs")
-    if logprobs is not None and (isinstance(logprobs, bool) or not isinstance(logprobs, int)
-                                 or not 0 <= logprobs <= MAX_TOP_LOGPROBS):
-        raise _bad_request(f"logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS} (alternatives per token), "
-                           f"got {logprobs!r}", "logprobs")
-    if logprobs is not None and echo:
-        raise _bad_request("echo with logprobs asks for the prompt's log-probabilities, which Brook does not "
-                           "compute; send echo or logprobs, not both", "echo", "unsupported_parameter")
-    model, version = parse_model(body.get("model"), default_model)
-    stream, include_usage = _stream_flags(body)
-    return TextRequest("completion", model, version, _sampling(body), stream, include_usage,
-                       prompt=_prompt(body.get("prompt")), echo=bool(echo))
-
-
 # ---- response bodies (pure) -----------------------------------------------------------------------------------
 
-def usage_body(done: GenerationDone) -> dict[str, Any]:
-    """OpenAI's usage object. The prediction counts are Brook's speculative drafts (from the request's
-    ``prediction`` or from the conversation itself): confirmed tokens, and drafted tokens the model did not confirm
-    (unlike OpenAI's, those are not billed as completion tokens)."""
-    usage, timings = done.usage, done.timings
-    return {"prompt_tokens": usage.prompt_tokens, "completion_tokens": usage.completion_tokens,
-            "total_tokens": usage.prompt_tokens + usage.completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": usage.cached_tokens},
-            "completion_tokens_details": {
-                "accepted_prediction_tokens": timings.accepted_draft_tokens,
-                "rejected_prediction_tokens": timings.draft_tokens - timings.accepted_draft_tokens}}
+def usage_body(dones: Sequence[GenerationDone]) -> dict[str, Any]:
+    """OpenAI's usage object of a reply's choices: the prompt counted once (every choice has the same one; its
+    cached tokens are the first choice's), the completion tokens of all. The prediction counts are Brook's
+    speculative drafts (from the request's ``prediction`` or from the conversation itself): confirmed tokens, and
+    drafted tokens the model did not confirm (unlike OpenAI's, those are not billed as completion tokens)."""
+    prompt = dones[0].usage
+    completion = sum(done.usage.completion_tokens for done in dones)
+    accepted = sum(done.timings.accepted_draft_tokens for done in dones)
+    drafted = sum(done.timings.draft_tokens for done in dones)
+    return {"prompt_tokens": prompt.prompt_tokens, "completion_tokens": completion,
+            "total_tokens": prompt.prompt_tokens + completion,
+            "prompt_tokens_details": {"cached_tokens": prompt.cached_tokens},
+            "completion_tokens_details": {"accepted_prediction_tokens": accepted,
+                                          "rejected_prediction_tokens": drafted - accepted}}
+
+
+Choice = tuple[str, GenerationDone, Sequence[TokenLogprob]]  # a whole choice: its text, its end, its log-probs
 
 
 @dataclass(frozen=True)
@@ -291,6 +89,14 @@ class ReplyShape:
     wants_logprobs: bool = False  # the request asked for log-probabilities (chat `logprobs: true`, completion 0-20)
     # a completion's legacy `logprobs` object, piece by piece (its text offsets run across the chunks)
     completion_logprobs: CompletionLogprobs | None = None
+    index: int = 0  # the choice this shape builds (`n` > 1: one shape per choice, ``for_choice``)
+
+    def for_choice(self, index: int) -> ReplyShape:
+        """The shape of choice ``index`` of the same reply (its own legacy log-probability offsets)."""
+        legacy = None
+        if self.completion_logprobs is not None and self.token_bytes is not None:
+            legacy = CompletionLogprobs(self.token_bytes)
+        return dataclasses.replace(self, index=index, completion_logprobs=legacy)
 
     def logprobs(self, items: Sequence[TokenLogprob] | None) -> dict[str, Any] | None:
         """A chat choice's `logprobs`: null unless the request asked for them (and, streaming, for the chunks
@@ -313,19 +119,20 @@ class ReplyShape:
             legacy = None
             if self.completion_logprobs is not None and (text or not streaming):  # none on chunks without text
                 legacy = self.completion_logprobs.take(text or "", logprobs)
-            return {"index": 0, "text": text or "", "logprobs": legacy, "finish_reason": finish_reason}
+            return {"index": self.index, "text": text or "", "logprobs": legacy, "finish_reason": finish_reason}
         if streaming:
             delta: dict[str, Any] = {"role": "assistant"} if role else {}
             if text is not None:
                 delta["content"] = text
             chunk_logprobs = self.logprobs(logprobs if text else None)
-            return {"index": 0, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish_reason}
+            return {"index": self.index, "delta": delta, "logprobs": chunk_logprobs, "finish_reason": finish_reason}
         message = {"role": "assistant", "content": text, "refusal": None}
-        return {"index": 0, "message": message, "logprobs": self.logprobs(logprobs), "finish_reason": finish_reason}
+        return {"index": self.index, "message": message, "logprobs": self.logprobs(logprobs),
+                "finish_reason": finish_reason}
 
-    def full(self, text: str, done: GenerationDone, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
-        choice = self._choice(text, finish_reason(done), streaming=False, logprobs=logprobs)
-        return {**self._envelope(False), "choices": [choice], "usage": usage_body(done)}
+    def choice(self, text: str, done: GenerationDone, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
+        """This choice of a whole (not streamed) reply."""
+        return self._choice(text, finish_reason(done), streaming=False, logprobs=logprobs)
 
     def chunk(self, text: str | None, *, finish: str | None = None, role: bool = False,
               include_usage: bool = False, logprobs: Sequence[TokenLogprob] = ()) -> dict[str, Any]:
@@ -335,8 +142,14 @@ class ReplyShape:
             body["usage"] = None
         return body
 
-    def usage_chunk(self, done: GenerationDone) -> dict[str, Any]:
-        return {**self._envelope(True), "choices": [], "usage": usage_body(done)}
+    def usage_chunk(self, dones: Sequence[GenerationDone]) -> dict[str, Any]:
+        return {**self._envelope(True), "choices": [], "usage": usage_body(dones)}
+
+
+def full_body(shapes: Sequence[ReplyShape], choices: Sequence[Choice]) -> dict[str, Any]:
+    """The JSON body of a whole reply: one ``(text, done, logprobs)`` per choice, with its shape."""
+    body = [shape.choice(*choice) for shape, choice in zip(shapes, choices, strict=True)]
+    return {**shapes[0]._envelope(False), "choices": body, "usage": usage_body([done for _, done, _ in choices])}
 
 
 def finish_reason(done: GenerationDone) -> str:
@@ -395,9 +208,9 @@ async def _read_json(request: Request) -> dict[str, Any]:
     try:
         body = json.loads(b"".join(chunks))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise _bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
+        raise bad_request(f"the body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
-        raise _bad_request(f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
+        raise bad_request(f"the body must be a JSON object, got {type(body).__name__}", code="invalid_json")
     return body
 
 
@@ -413,26 +226,42 @@ async def _assign(state: ServerState, parsed: TextRequest) -> ServedVersion:
     return served
 
 
-def _start(state: ServerState, engine: TextEngine, parsed: TextRequest) -> Generation:
-    """Submit the request to the engine, translating its refusals into OpenAI errors. Requests are stateless: no
-    conversation is kept, but each one's KV cache stays behind as a prefix cache for the next (docs/protocol.md)."""
+def start_choices(state: ServerState, engine: TextEngine, parsed: TextRequest) -> list[Generation]:
+    """Submit one engine request per choice, translating the engine's refusals into OpenAI errors (a refused choice
+    cancels the ones already started). A seeded request's choice ``i`` uses seed + i, so the choices differ and the
+    same request gives the same choices. Requests are stateless: no conversation is kept, but each one's KV cache
+    stays behind as a prefix cache for the next (docs/protocol.md)."""
+    generations: list[Generation] = []
     try:
         params = sampling_params(parsed.sampling)
-        if parsed.kind == "chat":
-            return engine.chat_once(parsed.messages, params)
-        return engine.complete(parsed.prompt, params)
-    except ContextLengthError as exc:
-        raise _bad_request(str(exc), "messages" if parsed.kind == "chat" else "prompt",
-                           "context_length_exceeded") from None
-    except (SamplingParamsError, ValueError) as exc:
-        raise _bad_request(str(exc)) from None
-    except OverloadedError as exc:
-        raise OpenAIError(429, str(exc), type_="server_overloaded", code="overloaded",
-                          headers={"Retry-After": str(state.settings.retry_after_s)}) from None
-    except EngineDeadError as exc:
-        raise _unavailable(state, str(exc), "engine_unavailable") from None
-    except RuntimeError as exc:  # e.g. a model without a chat template
-        raise _bad_request(str(exc), code="unsupported_model") from None
+        for index in range(parsed.n):
+            seed = None if params.seed is None else (params.seed + index) % 2**64
+            choice_params = dataclasses.replace(params, seed=seed)
+            if parsed.kind == "chat":
+                generations.append(engine.chat_once(parsed.messages, choice_params))
+            else:
+                generations.append(engine.complete(parsed.prompt, choice_params))
+        return generations
+    except BaseException as exc:
+        for generation in generations:
+            generation.cancel()
+        raise _engine_refusal(state, parsed, exc) from None
+
+
+def _engine_refusal(state: ServerState, parsed: TextRequest, exc: BaseException) -> BaseException:
+    """The OpenAI error for an engine's refusal of a request (others unchanged)."""
+    if isinstance(exc, ContextLengthError):
+        return bad_request(str(exc), "messages" if parsed.kind == "chat" else "prompt", "context_length_exceeded")
+    if isinstance(exc, SamplingParamsError | ValueError):
+        return bad_request(str(exc))
+    if isinstance(exc, OverloadedError):
+        return OpenAIError(429, str(exc), type_="server_overloaded", code="overloaded",
+                           headers={"Retry-After": str(state.settings.retry_after_s)})
+    if isinstance(exc, EngineDeadError):
+        return _unavailable(state, str(exc), "engine_unavailable")
+    if isinstance(exc, RuntimeError):  # e.g. a model without a chat template
+        return bad_request(str(exc), code="unsupported_model")
+    return exc
 
 
 async def _prepare(request: Request, state: ServerState, kind: Kind) -> tuple[TextRequest, ServedVersion]:
@@ -448,7 +277,7 @@ async def _serve(request: Request, kind: Kind) -> Response:
     try:
         parsed, served = await _prepare(request, state, kind)
         engine: TextEngine = served.engine
-        generation = _start(state, engine, parsed)
+        generations = start_choices(state, engine, parsed)
     except OpenAIError as exc:
         state.metrics.errors.labels(_endpoint(kind), exc.code or exc.type).inc()
         return exc.response()
@@ -461,7 +290,8 @@ async def _serve(request: Request, kind: Kind) -> Response:
         return _internal_error().response()
 
     def cleanup() -> None:
-        generation.cancel()  # a no-op once it has finished
+        for generation in generations:
+            generation.cancel()  # a no-op once it has finished
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
     wants_logprobs = parsed.sampling.logprobs is not None
@@ -471,20 +301,22 @@ async def _serve(request: Request, kind: Kind) -> Response:
                        completion_logprobs=CompletionLogprobs(engine.token_bytes)
                        if kind == "completion" and wants_logprobs else None)
     headers = {"x-request-id": shape.id}
+    shapes = [shape.for_choice(index) for index in range(len(generations))]
     echo = parsed.prompt if parsed.echo else ""
     if parsed.stream:
-        events = _stream(generation, shape, parsed.include_usage, echo, state, served)
+        events = _stream(generations, shapes, parsed.include_usage, echo, state, served)
         return EventStreamResponse(events, cleanup, headers={**SSE_HEADERS, **headers})
     try:
-        return await _answer(request, generation, shape, echo, state, served, headers)
+        return await _answer(request, generations, shapes, echo, state, served, headers)
     finally:
         cleanup()
 
 
-async def _answer(request: Request, generation: Generation, shape: ReplyShape, echo: str, state: ServerState,
-                  served: ServedVersion, headers: dict[str, str]) -> Response:
-    """Collect the whole reply; if the client disconnects first, cancel the generation."""
-    collector = asyncio.ensure_future(_collect(generation))
+async def _answer(request: Request, generations: Sequence[Generation], shapes: Sequence[ReplyShape], echo: str,
+                  state: ServerState, served: ServedVersion, headers: dict[str, str]) -> Response:
+    """Collect every choice whole; if the client disconnects first, cancel the generations."""
+    shape = shapes[0]
+    collector = asyncio.ensure_future(_collect_all(generations))
     gone = asyncio.ensure_future(_until_disconnected(request.receive))
     try:
         await asyncio.wait({collector, gone}, return_when=asyncio.FIRST_COMPLETED)
@@ -492,17 +324,23 @@ async def _answer(request: Request, generation: Generation, shape: ReplyShape, e
             logger.debug("%s: the client disconnected; cancelling its generation", shape.id)
             return Response(status_code=499)  # nobody reads it
         try:
-            text, done, logprobs = collector.result()
+            choices = collector.result()
         except EngineDeadError as exc:
             error = _unavailable(state, str(exc), "engine_unavailable")
             state.metrics.errors.labels(_endpoint(shape.kind), "engine_unavailable").inc()
             return error.response()
-        record_generation(state.metrics, served.name, served.version, done)
-        return JSONResponse(shape.full(echo + text, done, logprobs), headers=headers)
+        for _, done, _ in choices:
+            record_generation(state.metrics, served.name, served.version, done)
+        body = full_body(shapes, [(echo + text, done, logprobs) for text, done, logprobs in choices])
+        return JSONResponse(body, headers=headers)
     finally:
         for task in (collector, gone):
             task.cancel()
         await asyncio.gather(collector, gone, return_exceptions=True)
+
+
+async def _collect_all(generations: Sequence[Generation]) -> list[tuple[str, GenerationDone, list[TokenLogprob]]]:
+    return list(await asyncio.gather(*(_collect(generation) for generation in generations)))
 
 
 async def _collect(generation: Generation) -> tuple[str, GenerationDone, list[TokenLogprob]]:
@@ -522,22 +360,61 @@ async def _until_disconnected(receive: Receive) -> None:
         pass
 
 
-async def _stream(generation: Generation, shape: ReplyShape, include_usage: bool, echo: str, state: ServerState,
-                  served: ServedVersion) -> AsyncGenerator[bytes, None]:
-    """The SSE body: a first chunk (the assistant role, or the echoed prompt), one chunk per text delta, a chunk
-    with the finish reason, the usage chunk when asked for, then `data: [DONE]`."""
-    yield sse(shape.chunk(echo, role=True, include_usage=include_usage))
+async def _merged(generations: Sequence[Generation]) -> AsyncGenerator[tuple[int, TokenDelta | GenerationDone], None]:
+    """The events of every choice's generation as they come, each with its choice's index, until each one is done;
+    a failing generation raises here."""
+    queue: asyncio.Queue[tuple[int, TokenDelta | GenerationDone | Exception | None]] = asyncio.Queue()
+
+    async def pump(index: int, generation: Generation) -> None:
+        try:
+            async for item in generation:
+                queue.put_nowait((index, item))
+                if isinstance(item, GenerationDone):
+                    return
+            queue.put_nowait((index, None))  # ended without its final event
+        except Exception as exc:
+            queue.put_nowait((index, exc))
+
+    pumps = [asyncio.create_task(pump(index, generation)) for index, generation in enumerate(generations)]
     try:
-        async for item in generation:
-            if isinstance(item, TokenDelta):
-                if item.text:
-                    yield sse(shape.chunk(item.text, include_usage=include_usage, logprobs=item.logprobs))
-            elif isinstance(item, GenerationDone):
-                record_generation(state.metrics, served.name, served.version, item)
-                final_text = None if shape.kind == "chat" else ""
-                yield sse(shape.chunk(final_text, finish=finish_reason(item), include_usage=include_usage))
-                if include_usage:
-                    yield sse(shape.usage_chunk(item))
+        remaining = len(pumps)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                raise EngineDeadError("the generation ended without a final event")
+            if isinstance(item, Exception):
+                raise item
+            remaining -= isinstance(item, GenerationDone)
+            yield index, item
+    finally:
+        for task in pumps:
+            task.cancel()
+        await asyncio.gather(*pumps, return_exceptions=True)
+
+
+async def _stream(generations: Sequence[Generation], shapes: Sequence[ReplyShape], include_usage: bool, echo: str,
+                  state: ServerState, served: ServedVersion) -> AsyncGenerator[bytes, None]:
+    """The SSE body: a first chunk per choice (the assistant role, or the echoed prompt), one chunk per text delta
+    of any choice as it comes, a chunk with each choice's finish reason, the usage chunk when asked for (after the
+    last choice ended), then `data: [DONE]`."""
+    shape = shapes[0]
+    for choice in shapes:
+        yield sse(choice.chunk(echo, role=True, include_usage=include_usage))
+    dones: dict[int, GenerationDone] = {}
+    try:
+        async with contextlib.aclosing(_merged(generations)) as events:  # closed with this stream, not later
+            async for index, item in events:
+                if isinstance(item, TokenDelta):
+                    if item.text:
+                        yield sse(shapes[index].chunk(item.text, include_usage=include_usage, logprobs=item.logprobs))
+                else:
+                    record_generation(state.metrics, served.name, served.version, item)
+                    dones[index] = item
+                    final_text = None if shape.kind == "chat" else ""
+                    yield sse(shapes[index].chunk(final_text, finish=finish_reason(item),
+                                                  include_usage=include_usage))
+        if include_usage:
+            yield sse(shape.usage_chunk([dones[index] for index in range(len(generations))]))
     except EngineDeadError as exc:
         state.metrics.errors.labels(_endpoint(shape.kind), "engine_unavailable").inc()
         yield sse(_unavailable(state, str(exc), "engine_unavailable").body())
