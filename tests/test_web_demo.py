@@ -239,10 +239,14 @@ def test_reply_settings_are_sent_kept_across_reloads_and_token_probabilities_are
     page.wait_for_function("document.querySelectorAll('#messages .message.assistant[data-finish]').length === 2",
                            timeout=WAIT_MS)
     assert _chat_turns(sent)[1]["messages"] == [{"role": "user", "content": "And at night?"}]
-    page.click("#reset")  # a new conversation starts with it again
-    _ask(page, "Hello!")
+    _ask(page, "Tell me a long story.")
+    page.click("#reset")  # while that reply streams: its end arrives after the reset and must not count
+    page.wait_for_function("document.body.dataset.chat === 'idle'", timeout=WAIT_MS)
+    page.wait_for_timeout(1500)  # the dropped reply's done has arrived by now
+    _ask(page, "Hello!")  # a new conversation starts with the system prompt again
     page.wait_for_selector("#messages .message.assistant[data-finish]", timeout=WAIT_MS)
-    assert _chat_turns(sent)[2]["messages"][0]["role"] == "system"
+    turns = _chat_turns(sent)
+    assert turns[3]["messages"][0] == {"role": "system", "content": "You answer in one short sentence."}, turns
 
     page.reload()
     page.wait_for_selector("#chat-model option", state="attached")

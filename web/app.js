@@ -656,9 +656,9 @@ function appendTokenSpan(body, text, entries) {
 function onDone(message) {
   const reply = chat.reply;
   chat.reply = null;
-  chat.started = true; // even a cancelled reply leaves its turn in the conversation
   setStreaming(false);
-  if (!reply) return;
+  if (!reply) return; // the end of a reply that "New chat" dropped: its conversation is gone
+  chat.started = true; // even a cancelled reply leaves its turn in the conversation
   reply.classList.remove("streaming");
   const timings = message.timings || {};
   const ttft = timings.ttft_ms ?? (chat.firstTokenAt ? chat.firstTokenAt - chat.sentAt : null);
