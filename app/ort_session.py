@@ -24,7 +24,7 @@ MAX_SPIN_US: Final = 10_000
 # 117 tok/s, medians of six alternated rounds); with 8 speech and 8 chat streams sharing the cores it made speech
 # finals later (p95 3.5 against 2.7 s, medians of four rounds) and chat 8% slower. Unbounded spinning
 # (onnxruntime's default) also burns a core per idle thread between calls. Hence 0, sleeping at once, by default;
-# ``BROOK_ORT_SPIN_US=100`` suits a process whose one busy engine has the cores to itself.
+# ``BROOK_ORT_SPIN_US=100`` suits a process whose only busy engine is chat (speech alone: not measured).
 DEFAULT_SPIN_US: Final = 0
 
 
