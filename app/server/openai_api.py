@@ -87,14 +87,15 @@ class ReplyShape:
     fingerprint: str  # "name@version" of the model version that served the request
     token_bytes: Callable[[int], bytes] | None = None  # names the tokens of log-probabilities
     wants_logprobs: bool = False  # the request asked for log-probabilities (chat `logprobs: true`, completion 0-20)
-    # a completion's legacy `logprobs` object, piece by piece (its text offsets run across the chunks)
+    # a completion choice's legacy `logprobs` object, piece by piece (its text offsets run across the chunks); set
+    # by ``for_choice``
     completion_logprobs: CompletionLogprobs | None = None
     index: int = 0  # the choice this shape builds (`n` > 1: one shape per choice, ``for_choice``)
 
     def for_choice(self, index: int) -> ReplyShape:
-        """The shape of choice ``index`` of the same reply (its own legacy log-probability offsets)."""
+        """The shape of choice ``index`` of the same reply (a completion's with its own legacy log-probabilities)."""
         legacy = None
-        if self.completion_logprobs is not None and self.token_bytes is not None:
+        if self.kind == "completion" and self.wants_logprobs and self.token_bytes is not None:
             legacy = CompletionLogprobs(self.token_bytes)
         return dataclasses.replace(self, index=index, completion_logprobs=legacy)
 
@@ -294,12 +295,9 @@ async def _serve(request: Request, kind: Kind) -> Response:
             generation.cancel()  # a no-op once it has finished
 
     prefix = "chatcmpl-" if kind == "chat" else "cmpl-"
-    wants_logprobs = parsed.sampling.logprobs is not None
     shape = ReplyShape(kind, prefix + uuid.uuid4().hex, int(time.time()), served.name,
                        f"{served.name}{MODEL_VERSION_SEPARATOR}{served.version}", engine.token_bytes,
-                       wants_logprobs=wants_logprobs,
-                       completion_logprobs=CompletionLogprobs(engine.token_bytes)
-                       if kind == "completion" and wants_logprobs else None)
+                       wants_logprobs=parsed.sampling.logprobs is not None)
     headers = {"x-request-id": shape.id}
     shapes = [shape.for_choice(index) for index in range(len(generations))]
     echo = parsed.prompt if parsed.echo else ""

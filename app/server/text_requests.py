@@ -39,6 +39,11 @@ def record_generation(metrics: Metrics, model: str, version: int, done: Generati
     metrics.prompt_tokens.labels(*labels, "prefilled").inc(done.usage.prompt_tokens - done.usage.cached_tokens)
 
 
+def token_text(raw: bytes) -> str:
+    """A token's bytes as text for log-probabilities: UTF-8, with U+FFFD for a partial character."""
+    return raw.decode("utf-8", errors="replace")
+
+
 def logprob_entries(
     logprobs: Sequence[TokenLogprob], token_bytes: Callable[[int], bytes], *, openai: bool
 ) -> list[dict[str, Any]]:
@@ -47,7 +52,7 @@ def logprob_entries(
 
     def entry(token_id: int, logprob: float) -> dict[str, Any]:
         raw = token_bytes(token_id)
-        text = raw.decode("utf-8", errors="replace")
+        text = token_text(raw)
         if openai:
             return {"token": text, "logprob": logprob, "bytes": list(raw)}
         return {"id": token_id, "token": text, "logprob": logprob}
@@ -69,22 +74,20 @@ class CompletionLogprobs:
         self._token_bytes = token_bytes
         self.offset = offset  # characters of the choice's text before the next piece
 
-    def _token(self, token_id: int) -> str:
-        return self._token_bytes(token_id).decode("utf-8", errors="replace")
-
     def take(self, text: str, logprobs: Sequence[TokenLogprob]) -> dict[str, Any]:
         """The object for the next piece of the choice's ``text`` and the tokens that make it up."""
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         characters = 0
         body: dict[str, list[Any]] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
         for item in logprobs:
-            token = self._token(item.token_id)
+            raw = self._token_bytes(item.token_id)
+            token = token_text(raw)
             body["tokens"].append(token)
             body["token_logprobs"].append(item.logprob)
-            best = {self._token(token_id): logprob for token_id, logprob in item.top}
+            best = {token_text(self._token_bytes(token_id)): logprob for token_id, logprob in item.top}
             best.setdefault(token, item.logprob)  # OpenAI: up to `logprobs` + 1 entries, the chosen token included
             body["top_logprobs"].append(best)
             body["text_offset"].append(self.offset + min(characters, len(text)))
-            characters += len(decoder.decode(self._token_bytes(item.token_id)))
+            characters += len(decoder.decode(raw))
         self.offset += len(text)
         return body
